@@ -1,0 +1,15 @@
+"""`cacheblend bench <name>`: the benchmarks, each in its own module with `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = ["bench.ttft", "bench.load", "bench.peer", "bench.gpu_ttft", "bench.kv_tiers"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (numbers go to BENCHMARKS.md)")
+    benches = p.add_subparsers(dest="bench", required=True)
+    for module in BENCHES:
+        importlib.import_module(module).register(benches)

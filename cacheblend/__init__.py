@@ -1,0 +1,1 @@
+"""The `cacheblend` command line."""

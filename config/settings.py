@@ -1,0 +1,126 @@
+"""One typed settings schema for the whole server.
+
+Every field has a default. Values are layered, lowest first: defaults, a YAML file
+(`--config FILE` or `CACHEBLEND_CONFIG`), environment variables (`CACHEBLEND_<NAME>`), and
+CLI flags (`--<name-in-kebab-case>`). The same name is used everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import json
+
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Mode = Literal["full_prefill", "prefix_cache", "full_reuse", "cacheblend"]
+MODES: tuple[str, ...] = ("full_prefill", "prefix_cache", "full_reuse", "cacheblend")
+
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "cacheblend"
+
+
+def _split_list(value: Any) -> Any:
+    """Lists come as JSON (`[1, 8]`) or comma lists (`1,8`) from env vars and flags."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            return json.loads(value)
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+IntList = Annotated[list[int], NoDecode, BeforeValidator(_split_list)]
+FloatList = Annotated[list[float], NoDecode, BeforeValidator(_split_list)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CACHEBLEND_", extra="forbid", validate_default=True)
+
+    # --- model ---
+    model: str = Field("embedded", description="Local Hugging Face model directory, or 'embedded' for SmolLM2-135M-Instruct")
+    served_model_name: Optional[str] = Field(None, description="Model name reported by the API (default: derived from --model)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    max_model_len: int = Field(8192, ge=16, description="Longest prompt + completion in tokens")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Folder for the converted embedded model and the disk KV tier")
+
+    # --- blending ---
+    mode: Mode = Field("cacheblend", description="Prefill mode: full_prefill | prefix_cache | full_reuse | cacheblend")
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed after the (last) check layer")
+    check_layers: IntList = Field(default_factory=lambda: [1], description="Layers where HKVD tokens are selected (comma list)")
+    check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: recompute_ratio at each)")
+    selection_signal: Literal["value", "key"] = Field("value", description="Deviation used to pick HKVD tokens")
+    chunk_context: Literal["sink", "prefix"] = Field("sink", description="Precompute convention: a sink token, or the default prompt prefix, in front of each chunk")
+    recompute_chunk_head: int = Field(0, ge=0, description="Always recompute the first N tokens of every chunk (their own attention sink)")
+    prefix_cache_bytes: int = Field(512 << 20, ge=0, description="Bytes of exact leading-segment KV kept for prefix reuse")
+
+    # --- scheduling and decoding ---
+    max_num_seqs: int = Field(16, ge=1, description="Requests decoded together in one batch")
+    max_queue: int = Field(64, ge=1, description="Waiting requests before new ones get 503")
+    seed: int = Field(0, description="Default sampling seed")
+
+    # --- chunk KV store ---
+    kv_storage_dtype: Literal["float32", "float16", "bfloat16", "float8_e4m3fn"] = Field("float16", description="Dtype chunk KV is stored in")
+    kv_device_bytes: int = Field(2 << 30, ge=0, description="Capacity of the GPU tier (CUDA only)")
+    kv_cpu_bytes: int = Field(4 << 30, ge=0, description="Capacity of the host-memory tier")
+    kv_disk_bytes: int = Field(32 << 30, ge=0, description="Capacity of the disk tier (0 disables it)")
+    kv_disk_path: Optional[Path] = Field(None, description="Disk tier folder (default: <data_dir>/kv)")
+    kv_disk_write: Literal["through", "back"] = Field("through", description="Disk tier written on put (through) or on eviction from CPU (back)")
+    redis_url: Optional[str] = Field(None, description="redis://host:port/db for the shared tier")
+    redis_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of chunk KV in Redis")
+    redis_max_bytes: int = Field(256 << 20, ge=0, description="Largest blob written to Redis")
+    redis_timeout_s: float = Field(0.5, gt=0, description="Redis socket timeout")
+    s3_endpoint: Optional[str] = Field(None, description="S3-compatible endpoint URL for the shared tier")
+    s3_bucket: Optional[str] = Field(None, description="S3 bucket for chunk KV")
+    s3_prefix: str = Field("cacheblend/", description="Key prefix inside the bucket")
+
+    # --- server ---
+    host: str = Field("127.0.0.1", description="Bind address")
+    port: int = Field(8000, ge=0, le=65535, description="Bind port")
+    api_key: Optional[str] = Field(None, description="Bearer token required on /v1 routes")
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted request body")
+    max_chunks_per_request: int = Field(64, ge=1, description="Most chunks in one request")
+    max_chunk_tokens: int = Field(4096, ge=1, description="Longest chunk in tokens")
+    chat_preamble: str = Field("", description="Text put in the last user turn before the chunks")
+    completion_prefix: str = Field("", description="Text put before the chunks in /v1/completions")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format")
+    log_level: str = Field("INFO", description="Log level")
+
+    # --- quality monitoring ---
+    quality_sample_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of requests also run with full_prefill to measure quality")
+    quality_compare_tokens: int = Field(16, ge=1, description="Greedy tokens compared per sampled request")
+    controller_enabled: bool = Field(False, description="Adjust recompute_ratio from sampled agreement")
+    controller_min_ratio: float = Field(0.05, ge=0.0, le=1.0, description="Lowest ratio the controller sets")
+    controller_max_ratio: float = Field(0.5, ge=0.0, le=1.0, description="Highest ratio the controller sets")
+    controller_target_agreement: float = Field(0.9, ge=0.0, le=1.0, description="Top-1 agreement the controller keeps")
+    controller_step: float = Field(0.05, gt=0.0, le=1.0, description="Ratio change per controller decision")
+    controller_window: int = Field(8, ge=1, description="Sampled requests per controller decision")
+    controller_hysteresis: float = Field(0.05, ge=0.0, le=1.0, description="Agreement band above target before the ratio is lowered")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if not self.check_layers:
+            raise ValueError("check_layers must name at least one layer")
+        if sorted(set(self.check_layers)) != list(self.check_layers):
+            raise ValueError("check_layers must be strictly increasing")
+        if self.check_ratios is not None:
+            if len(self.check_ratios) != len(self.check_layers):
+                raise ValueError("check_ratios needs one ratio per check layer")
+            if any(b > a for a, b in zip(self.check_ratios, self.check_ratios[1:])):
+                raise ValueError("check_ratios must not increase from one check layer to the next")
+            if any(not 0.0 <= r <= 1.0 for r in self.check_ratios):
+                raise ValueError("check_ratios must lie in [0, 1]")
+        if self.controller_min_ratio > self.controller_max_ratio:
+            raise ValueError("controller_min_ratio must not exceed controller_max_ratio")
+        return self
+
+    @property
+    def layer_ratios(self) -> list[float]:
+        """The ratio used at each check layer."""
+        return list(self.check_ratios) if self.check_ratios is not None else [self.recompute_ratio] * len(self.check_layers)
+
+    @property
+    def resolved_kv_disk_path(self) -> Path:
+        return self.kv_disk_path if self.kv_disk_path is not None else self.data_dir / "kv"

@@ -1,0 +1,1 @@
+"""CacheBlend engine: model, blend prefill, decoding."""

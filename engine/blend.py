@@ -1,0 +1,175 @@
+"""Blend prefill: one layer loop for every mode.
+
+Each prompt token is one of three kinds:
+- exact: its KV comes from the prefix cache (same tokens at the same positions); never computed;
+- cached: a chunk token whose KV was precomputed with the chunk alone (approximate here);
+- forced: everything else (prefix/suffix tokens, chunk heads, the last token); always computed.
+
+The modes differ only in which tokens are computed at each layer:
+- full_prefill / prefix_cache: all non-exact tokens, every layer (no cached tokens);
+- full_reuse: forced tokens only, every layer; cached tokens use their chunk KV as is;
+- cacheblend: all non-exact tokens up to and including the first check layer; at each check
+  layer the HKVD tokens among the still-computed chunk tokens are kept (`ceil(r * n)` of the
+  n chunk tokens) and the rest stop; later layers compute only forced + kept tokens.
+Computed tokens write fresh K, V into the fused cache; every query attends over the whole fused
+cache with an exact causal mask by position.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from engine.attention import CausalPlan, causal_attention
+from engine.model import Transformer
+from engine.selection import kv_deviation, num_selected, select_hkvd
+
+ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
+
+
+@dataclass
+class BlendSpec:
+    check_layers: list[int] = field(default_factory=list)  # empty: no selection (full_reuse)
+    ratios: list[float] = field(default_factory=list)
+    signal: str = "value"                                  # "value" | "key"
+
+
+@dataclass
+class KVCache:
+    """One sequence's fused cache. k holds post-RoPE keys."""
+    k: torch.Tensor  # [L, Hkv, capacity, D]
+    v: torch.Tensor  # [L, Hkv, capacity, D]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, model: Transformer, capacity: int) -> "KVCache":
+        c = model.cfg
+        shape = (c.num_layers, c.num_kv_heads, capacity, c.head_dim)
+        return cls(torch.empty(shape, dtype=model.dtype, device=model.device), torch.empty(shape, dtype=model.dtype, device=model.device))
+
+
+@dataclass
+class PrefillInput:
+    token_ids: torch.Tensor                       # [N]
+    forced: torch.Tensor                          # [N] bool: always computed
+    exact_len: int = 0                            # leading tokens whose KV is exact
+    exact_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # ([L, Hkv, exact_len, D] post-RoPE, same for V)
+    chunk_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of cached chunk tokens
+    chunk_layer: Optional[ChunkLayerFn] = None    # per-layer chunk KV in span order
+    collect_pre_rope: bool = False                # also return every token's pre-RoPE K (chunk precompute)
+
+
+@dataclass
+class PrefillStats:
+    num_tokens: int = 0
+    exact_tokens: int = 0
+    cached_tokens: int = 0
+    computed_per_layer: list[int] = field(default_factory=list)
+    selected: dict[int, list[int]] = field(default_factory=dict)  # check layer -> positions kept
+    deviation: dict[int, torch.Tensor] = field(default_factory=dict)  # check layer -> [n candidates] (inspect aid)
+    candidates: dict[int, list[int]] = field(default_factory=dict)    # check layer -> candidate positions
+    kv_wait_s: float = 0.0
+    selection_s: float = 0.0
+    compute_s: float = 0.0
+    layer_compute_s: list[float] = field(default_factory=list)
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Tokens whose KV is fresh in the last layer (what 'recomputed' means to users)."""
+        return self.computed_per_layer[-1] if self.computed_per_layer else 0
+
+
+@dataclass
+class PrefillResult:
+    cache: KVCache
+    logits: torch.Tensor  # [V] float32, last prompt token
+    stats: PrefillStats
+    pre_rope_k: Optional[torch.Tensor] = None  # [L, Hkv, N, D] when collected
+
+
+@torch.inference_mode()
+def blend_prefill(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache: KVCache) -> PrefillResult:
+    t_start = time.perf_counter()
+    c = model.cfg
+    N = inp.token_ids.numel()
+    dev = model.device
+    positions = torch.arange(N, device=dev)
+    stats = PrefillStats(num_tokens=N, exact_tokens=inp.exact_len)
+
+    is_cached = torch.zeros(N, dtype=torch.bool, device=dev)
+    for s, e in inp.chunk_spans:
+        is_cached[s:e] = True
+    is_cached &= ~inp.forced
+    is_cached[: inp.exact_len] = False
+    chunk_pos = positions[is_cached]                       # [n] cached chunk tokens
+    n_chunk = chunk_pos.numel()
+    stats.cached_tokens = n_chunk
+    if n_chunk and inp.chunk_layer is None:
+        raise ValueError("chunk spans given without a chunk KV source")
+
+    after_exact = positions >= inp.exact_len
+    if spec.check_layers or n_chunk == 0:
+        active = positions[after_exact]                     # compute every non-exact token first
+    else:
+        active = positions[after_exact & ~is_cached]        # full_reuse: never compute chunk tokens
+    check = dict(zip(spec.check_layers, spec.ratios))
+    first_check = min(spec.check_layers) if spec.check_layers else None
+
+    pre_rope = torch.empty((c.num_layers, c.num_kv_heads, N, c.head_dim), dtype=model.dtype, device=dev) if inp.collect_pre_rope else None
+    h = model.embed(inp.token_ids[active])                  # [S, hidden]
+    plan = None                                             # attention masks for the current `active`
+    for layer in range(c.num_layers):
+        t_layer = time.perf_counter()
+        K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
+        V = cache.v[layer, :, :N]
+        q, k, v = model.qkv(layer, h)                       # pre-RoPE, [H|Hkv, S, D]
+        stats.computed_per_layer.append(int(active.numel()))
+        if pre_rope is not None:
+            pre_rope[layer][:, active] = k
+        if inp.exact_len:
+            K[:, : inp.exact_len] = inp.exact_kv[0][layer]
+            V[:, : inp.exact_len] = inp.exact_kv[1][layer]
+        needs_chunk_kv = n_chunk and (layer in check or first_check is None or layer > first_check)
+        if needs_chunk_kv:
+            t0 = time.perf_counter()
+            layer_kv = inp.chunk_layer(layer)
+            stats.kv_wait_s += time.perf_counter() - t0
+            for (s, e), (kc, vc) in zip(inp.chunk_spans, layer_kv):
+                K[:, s:e] = kc                              # pre-RoPE until placed below
+                V[:, s:e] = vc
+        if layer in check:
+            t0 = time.perf_counter()
+            is_cand = is_cached[active]                     # [S] active chunk tokens
+            fresh = (v if spec.signal == "value" else k)[:, is_cand]
+            cand_pos = active[is_cand]
+            deviation = kv_deviation(fresh, (V if spec.signal == "value" else K)[:, cand_pos])
+            keep = select_hkvd(deviation, num_selected(check[layer], n_chunk))
+            keep_mask = ~is_cand
+            keep_mask[is_cand.nonzero().squeeze(1)[keep]] = True
+            stats.selected[layer] = cand_pos[keep].tolist()
+            stats.candidates[layer] = cand_pos.tolist()
+            stats.deviation[layer] = deviation
+            stats.selection_s += time.perf_counter() - t0
+        if needs_chunk_kv:
+            K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)  # place chunk K at its positions
+        K[:, active] = model.rotate(k, active, N)
+        V[:, active] = v
+        q = model.rotate(q, active, N)
+        if layer in check:
+            q, h, active = q[:, keep_mask], h[keep_mask], active[keep_mask]
+            plan = None
+        if layer == c.num_layers - 1:
+            # only the last token's output is needed past the final KV write
+            q, h, active = q[:, -1:], h[-1:], active[-1:]
+            plan = None
+        if plan is None:
+            plan = CausalPlan(active, N, model.dtype)
+        h = model.finish_layer(layer, h, causal_attention(q, K, V, plan))
+        stats.layer_compute_s.append(time.perf_counter() - t_layer)
+    logits = model.logits(h[-1:])[0]
+    cache.length = N
+    stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s
+    return PrefillResult(cache, logits, stats, pre_rope)

@@ -1,0 +1,183 @@
+"""The Llama-family transformer, run layer by layer on any subset of tokens.
+
+Covers Llama 2/3 (incl. rope_scaling), Mistral, Qwen2 (QKV bias) and Qwen3 (q/k RMSNorm).
+Weights come from a Hugging Face directory of safetensors files; the forward pass is ours so
+that the blend prefill can run a layer on all tokens or only on the selected ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from engine.rope import Rope, apply_rope
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    sliding_window: Optional[int]
+
+    @classmethod
+    def from_hf(cls, c) -> "ModelConfig":
+        if c.model_type not in SUPPORTED:
+            raise ValueError(f"unsupported architecture {c.model_type!r}; supported: {sorted(SUPPORTED)}")
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(
+            model_type=c.model_type,
+            hidden_size=c.hidden_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=c.intermediate_size,
+            vocab_size=c.vocab_size,
+            rms_norm_eps=c.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            max_position_embeddings=getattr(c, "max_position_embeddings", 4096),
+            sliding_window=getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None,
+        )
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor             # [hidden]
+    wqkv: torch.Tensor                  # [(H + 2 Hkv) * D, hidden]
+    bqkv: Optional[torch.Tensor]        # [(H + 2 Hkv) * D] (Qwen2)
+    q_norm: Optional[torch.Tensor]      # [D] (Qwen3)
+    k_norm: Optional[torch.Tensor]      # [D] (Qwen3)
+    wo: torch.Tensor                    # [hidden, H * D]
+    mlp_norm: torch.Tensor              # [hidden]
+    w_gate_up: torch.Tensor             # [2 * inter, hidden]
+    w_down: torch.Tensor                # [hidden, inter]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+class Transformer:
+    """Weights plus the per-layer steps. Hidden states are flat: [S, hidden] for S tokens."""
+
+    def __init__(self, hf_config, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.hf_config = hf_config
+        self.cfg = cfg = ModelConfig.from_hf(hf_config)
+        self.device, self.dtype = device, dtype
+
+        def w(name: str) -> torch.Tensor:
+            return weights[name].to(device=device, dtype=dtype)
+
+        def opt(name: str) -> Optional[torch.Tensor]:
+            return w(name) if name in weights else None
+
+        self.embed_tokens = w("model.embed_tokens.weight")  # [V, hidden]
+        self.final_norm = w("model.norm.weight")
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings or "lm_head.weight" not in weights else w("lm_head.weight")
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            biases = [opt(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+            self.layers.append(LayerWeights(
+                attn_norm=w(p + "input_layernorm.weight"),
+                wqkv=torch.cat([w(p + f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                bqkv=torch.cat(biases) if all(b is not None for b in biases) else None,
+                q_norm=opt(p + "self_attn.q_norm.weight"),
+                k_norm=opt(p + "self_attn.k_norm.weight"),
+                wo=w(p + "self_attn.o_proj.weight"),
+                mlp_norm=w(p + "post_attention_layernorm.weight"),
+                w_gate_up=torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")]),
+                w_down=w(p + "mlp.down_proj.weight"),
+            ))
+        self.rope = Rope(hf_config, cfg.head_dim, device)
+        self.fingerprint = _fingerprint(hf_config, weights)
+
+    @classmethod
+    def from_dir(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "Transformer":
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(str(path))
+        weights: dict[str, torch.Tensor] = {}
+        for f in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    weights[name] = sf.get_tensor(name)
+        return cls(hf_config, weights, device, dtype)
+
+    @classmethod
+    def from_hf_model(cls, hf_model, device: torch.device, dtype: torch.dtype) -> "Transformer":
+        """Wrap an in-memory HF model's weights (used by tests with tiny random models)."""
+        return cls(hf_model.config, dict(hf_model.state_dict()), device, dtype)
+
+    # --- per-layer steps -------------------------------------------------------------------
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens[token_ids]  # [S, hidden]
+
+    def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: [S, hidden] -> q [H, S, D], k [Hkv, S, D], v [Hkv, S, D]; q and k are pre-RoPE."""
+        c, lw = self.cfg, self.layers[layer]
+        x = rms_norm(h, lw.attn_norm, c.rms_norm_eps)
+        qkv = F.linear(x, lw.wqkv, lw.bqkv)  # [S, (H + 2 Hkv) * D]
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        S = h.shape[0]
+        q = q.view(S, c.num_heads, c.head_dim).transpose(0, 1)
+        k = k.view(S, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        v = v.view(S, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        if lw.q_norm is not None:
+            q = rms_norm(q, lw.q_norm, c.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, c.rms_norm_eps)
+        return q, k, v
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """x: [H, S, D] pre-RoPE at `positions` [S] -> rotated."""
+        cos, sin = self.rope.cos_sin(positions, seq_len)
+        return apply_rope(x, cos, sin)
+
+    def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """h: [S, hidden], attn: [H, S, D] -> next hidden [S, hidden] (o-proj, residual, MLP)."""
+        c, lw = self.cfg, self.layers[layer]
+        h = h + F.linear(attn.transpose(0, 1).reshape(h.shape[0], c.num_heads * c.head_dim), lw.wo)
+        x = rms_norm(h, lw.mlp_norm, c.rms_norm_eps)
+        gate, up = F.linear(x, lw.w_gate_up).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, lw.w_down)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [S, hidden] -> [S, V] in float32."""
+        return F.linear(rms_norm(h, self.final_norm, self.cfg.rms_norm_eps), self.lm_head).float()
+
+
+def _fingerprint(hf_config, weights: dict[str, torch.Tensor]) -> str:
+    """Identity of config + weights: KV from another model must never be served.
+
+    Hashes the config and, per tensor, its name, shape and a strided sample of its values
+    (hashing all bytes of a 7B model would add seconds to every start).
+    """
+    h = hashlib.sha256(json.dumps(hf_config.to_dict(), sort_keys=True, default=str).encode())
+    for name in sorted(weights):
+        t = weights[name]
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -1,0 +1,53 @@
+"""Chunk keys: content addresses for chunk KV.
+
+A key is the sha256 (64 lowercase hex characters) of everything that determines a chunk's KV:
+its token ids, the model, the KV dtype and the precompute convention. Keys arrive from
+clients as chunk IDs, so every tier checks them with `check_key` before touching storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Sequence, Union
+
+import torch
+
+KEY_RE = re.compile(r"^[0-9a-f]{64}\Z")
+
+_DOMAIN = b"cacheblend-chunk-key-v1\0"
+
+
+def _field(h: "hashlib._Hash", text: str) -> None:
+    # Length-prefixed so ("ab", "c") and ("a", "bc") hash differently.
+    data = text.encode("utf-8")
+    h.update(len(data).to_bytes(8, "little"))
+    h.update(data)
+
+
+def chunk_key(
+    token_ids: Union[Sequence[int], torch.Tensor],
+    model_fingerprint: str,
+    kv_dtype: str,
+    convention: str,
+) -> str:
+    """Hex sha256 key of a chunk's tokens under a model, KV dtype and precompute convention."""
+    ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1).cpu()
+    h = hashlib.sha256(_DOMAIN)
+    _field(h, model_fingerprint)
+    _field(h, kv_dtype)
+    _field(h, convention)
+    h.update(ids.numel().to_bytes(8, "little"))
+    h.update(ids.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def is_key(key: object) -> bool:
+    return isinstance(key, str) and KEY_RE.match(key) is not None
+
+
+def check_key(key: object) -> str:
+    """Return `key` if it is a well-formed chunk key, else raise ValueError."""
+    if not is_key(key):
+        raise ValueError(f"invalid chunk key: {str(key)[:80]!r}")
+    return key  # type: ignore[return-value]

@@ -1,0 +1,224 @@
+"""Chunk registry: resolves a chunk ID (its key) to the text and tokens it was made from.
+
+With it a chunk whose KV was evicted everywhere can still be recomputed from its ID.
+Records are {"key", "text", "token_ids", "created" (unix seconds)} and live as JSON files at
+`<root>/<key[:2]>/<key>.json` (atomic writes). With Redis configured they are also kept there
+(`cacheblend:chunk:<key>`, no TTL, plus the sorted set `cacheblend:chunks` scored by created),
+so any node can resolve and list IDs registered on another; records fetched from Redis are
+cached locally. If Redis fails the registry carries on with its local files. A delete
+removes the record here and in Redis; another node's cached copy stays (as its local KV
+tiers do).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from kvstore.atomic import atomic_write, remove_temp_files
+from kvstore.breaker import Breaker
+from kvstore.keys import KEY_RE, check_key, is_key
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger(__name__)
+
+RECORD_PREFIX = "cacheblend:chunk:"
+INDEX_KEY = "cacheblend:chunks"
+
+Record = dict[str, Any]
+Records = list[Record]  # named here: inside the class, `list` is the method
+
+
+def _valid(record: object, key: str) -> bool:
+    return (isinstance(record, dict) and record.get("key") == key and isinstance(record.get("text"), str)
+            and isinstance(record.get("created"), int)
+            and isinstance(record.get("token_ids"), list)
+            and all(isinstance(t, int) for t in record["token_ids"]))
+
+
+def _parse(data: Optional[bytes], key: str) -> Optional[Record]:
+    if data is None:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        record = None
+    if not _valid(record, key):
+        log.warning("chunk registry: ignoring malformed record for %s", key)
+        return None
+    return record
+
+
+class ChunkRegistry:
+    """Chunk key -> record, persisted under `root` and optionally in Redis. Thread-safe."""
+
+    def __init__(self, root: Path, redis_url: Optional[str] = None, redis_timeout_s: float = 0.5,
+                 retry_after_s: float = 5.0) -> None:
+        self.root = Path(root)
+        self.errors = 0  # Redis failures
+        self._lock = threading.Lock()
+        self._created: dict[str, int] = {}
+        self._order: list[tuple[int, str]] = []  # sorted (created, key): the listing order
+        self._redis: Optional["redis.Redis"] = None
+        errors: tuple[type[BaseException], ...] = ()
+        if redis_url:
+            from kvstore.tier_redis import REDIS_ERRORS, connect  # redis imports slowly: only when used
+
+            self._redis = connect(redis_url, redis_timeout_s)
+            errors = REDIS_ERRORS
+        self._breaker = Breaker("redis (chunk registry)", errors, retry_after_s, self._count_error)
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_temp_files(self.root)
+        self._scan()
+
+    def _count_error(self) -> None:
+        self.errors += 1
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        return self.root / key[:2] / f"{key}.json"
+
+    def _scan(self) -> None:
+        for path in self.root.glob("*/*.json"):
+            key = path.stem
+            if KEY_RE.match(key) and path.parent.name == key[:2]:
+                record = self._read_local(key)
+                if record is not None:
+                    self._index(record)
+
+    def _index(self, record: Record) -> None:
+        """Add to the in-memory index; the caller holds the lock (or is the constructor)."""
+        key, created = record["key"], record["created"]
+        if key not in self._created:
+            self._created[key] = created
+            bisect.insort(self._order, (created, key))
+
+    def _read_local(self, key: str) -> Optional[Record]:
+        try:
+            return _parse(self._path(key).read_bytes(), key)
+        except FileNotFoundError:
+            return None
+
+    def _write_local(self, record: Record) -> None:
+        atomic_write(self._path(record["key"]), json.dumps(record).encode())
+        with self._lock:
+            self._index(record)
+
+    def add(self, key: str, text: str, token_ids: Sequence[int]) -> Record:
+        """Register a chunk; an already registered key keeps (and returns) its first record."""
+        check_key(key)
+        existing = self.get(key)
+        if existing is not None:
+            return existing
+        record: Record = {"key": key, "text": text, "token_ids": [int(t) for t in token_ids],
+                          "created": int(time.time())}
+        self._write_local(record)
+        if self._redis is not None:
+            redis_client = self._redis
+
+            def publish() -> None:
+                pipe = redis_client.pipeline()
+                pipe.set(RECORD_PREFIX + key, json.dumps(record), nx=True)
+                pipe.zadd(INDEX_KEY, {key: record["created"]}, nx=True)
+                pipe.execute()
+
+            self._breaker.call("SET", publish, None)
+        return record
+
+    def get(self, key: str) -> Optional[Record]:
+        """The record of `key`, from local files or else Redis; None if unknown."""
+        check_key(key)
+        record = self._read_local(key)
+        if record is None and self._redis is not None:
+            redis_client = self._redis
+            record = _parse(self._breaker.call("GET", lambda: redis_client.get(RECORD_PREFIX + key), None), key)
+            if record is not None:
+                self._write_local(record)
+        return record
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str) or not is_key(key):
+            return False
+        return self.get(key) is not None
+
+    def delete(self, key: str) -> bool:
+        """Forget `key` locally and in Redis; True if it was known."""
+        check_key(key)
+        with self._lock:
+            created = self._created.pop(key, None)
+            if created is not None:
+                self._order.pop(bisect.bisect_left(self._order, (created, key)))
+        found = created is not None
+        try:
+            self._path(key).unlink()
+            found = True
+        except FileNotFoundError:
+            pass
+        if self._redis is not None:
+            redis_client = self._redis
+
+            def remove() -> int:
+                pipe = redis_client.pipeline()
+                pipe.delete(RECORD_PREFIX + key)
+                pipe.zrem(INDEX_KEY, key)
+                return int(pipe.execute()[0])
+
+            found |= bool(self._breaker.call("DEL", remove, 0))
+        return found
+
+    def __len__(self) -> int:
+        """Records in the local files (not counting ones only in Redis)."""
+        with self._lock:
+            return len(self._created)
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+
+    def list(self, after: Optional[str] = None, limit: int = 100) -> Records:
+        """Up to `limit` records ordered by (created, key), starting after the key `after`.
+
+        Raises ValueError if `after` is not a registered key.
+        """
+        if after is not None:
+            check_key(after)
+        if limit < 1:
+            return []
+        if self._redis is not None:
+            page = self._breaker.call("list", lambda: self._list_redis(after, limit), None)
+            if page is not None:
+                return page
+        return self._list_local(after, limit)
+
+    def _list_redis(self, after: Optional[str], limit: int) -> Records:
+        assert self._redis is not None
+        start = 0
+        if after is not None:
+            rank = self._redis.zrank(INDEX_KEY, after)
+            if rank is None:
+                raise ValueError(f"unknown chunk id {after}")
+            start = rank + 1
+        members = self._redis.zrange(INDEX_KEY, start, start + limit - 1)
+        keys = [k for k in (m.decode(errors="replace") for m in members) if is_key(k)]
+        if not keys:
+            return []
+        datas = self._redis.mget([RECORD_PREFIX + k for k in keys])
+        return [r for r in (_parse(d, k) for k, d in zip(keys, datas)) if r is not None]
+
+    def _list_local(self, after: Optional[str], limit: int) -> Records:
+        with self._lock:
+            start = 0
+            if after is not None:
+                created = self._created.get(after)
+                if created is None:
+                    raise ValueError(f"unknown chunk id {after}")
+                start = bisect.bisect_right(self._order, (created, after))
+            keys = [k for _, k in self._order[start:start + limit]]
+        return [r for r in (self._read_local(k) for k in keys) if r is not None]

@@ -1,0 +1,133 @@
+"""CacheBlend prefill on the real embedded model, against full prefill as the reference."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import PASSAGES, QUESTION
+from engine.request import BlendParams, Request
+from engine.sampling import SamplingParams
+
+LOGIT_ATOL = 1e-3  # fp32 on CPU; different attention kernels (causal vs masked blocks) reorder sums
+
+
+def rag_segments(engine, passages=PASSAGES):
+    chunks = [engine.chunk_from_text(p) for p in passages]
+    return engine.chat_segments([{"role": "user", "content": QUESTION}], chunks)
+
+
+def prefill(engine, segments, **blend):
+    engine.prefix_cache.clear()
+    return engine.prefill(segments, BlendParams(**blend))
+
+
+def greedy(engine, segments, max_tokens=12, **blend):
+    engine.prefix_cache.clear()
+    req = Request("t", segments, SamplingParams(max_tokens=max_tokens, temperature=0), BlendParams(**blend))
+    return engine.generate([req])["t"]
+
+
+def kl(p_logits, q_logits):
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+def test_ratio_one_matches_full_prefill(engine):
+    segs = rag_segments(engine)
+    full = prefill(engine, segs, mode="full_prefill")
+    blend = prefill(engine, segs, mode="cacheblend", recompute_ratio=1.0)
+    assert torch.allclose(blend.result.logits, full.result.logits, atol=LOGIT_ATOL)
+    assert kl(full.result.logits, blend.result.logits) < 1e-6
+    assert greedy(engine, segs, mode="cacheblend", recompute_ratio=1.0)["text"] == greedy(engine, segs, mode="full_prefill")["text"]
+
+
+def test_full_reuse_differs_from_full_prefill(engine):
+    """The problem CacheBlend solves is real: chunk KV without cross-attention is off."""
+    segs = rag_segments(engine)
+    full = prefill(engine, segs, mode="full_prefill").result.logits
+    reuse = prefill(engine, segs, mode="full_reuse").result.logits
+    blend = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.3).result.logits
+    assert kl(full, reuse) > 1e-3
+    assert kl(full, blend) < kl(full, reuse)
+
+
+def test_one_chunk_after_prefix_is_exact_in_every_reuse_mode(settings):
+    """With the real prefix in front at precompute, a chunk right after it has exact KV."""
+    from engine.llm_engine import LLMEngine
+
+    # float32 storage: the chunk KV is then bit-for-bit what a full prefill computes
+    eng = LLMEngine(settings.model_copy(update={"chunk_context": "prefix", "kv_storage_dtype": "float32", "kv_disk_bytes": 0}))
+    chunk = eng.chunk_from_text(PASSAGES[0])
+    segs = eng.chat_segments([{"role": "user", "content": QUESTION}], [chunk])
+    assert segs[0].token_ids == eng.precompute.context
+    full = prefill(eng, segs, mode="full_prefill").result.logits
+    blend = prefill(eng, segs, mode="cacheblend", recompute_ratio=0.15).result.logits
+    # prefix_cache: an earlier request with the same prefix and chunk but another question
+    eng.prefix_cache.clear()
+    other = eng.chat_segments([{"role": "user", "content": "Who designed it?"}], [chunk])
+    eng.prefill(other, BlendParams(mode="prefix_cache"))
+    cached = eng.prefill(segs, BlendParams(mode="prefix_cache"))
+    assert cached.result.stats.exact_tokens == len(segs[0]) + len(chunk)
+    assert torch.allclose(blend, full, atol=LOGIT_ATOL)
+    assert torch.allclose(cached.result.logits, full, atol=LOGIT_ATOL)
+
+
+def test_selection_counts_and_nesting(engine):
+    segs = rag_segments(engine)
+    n_chunk = sum(len(s) for s in segs if s.kind == "chunk")
+    layers, ratios = [1, 8, 16], [0.2, 0.15, 0.1]
+    res = prefill(engine, segs, mode="cacheblend", check_layers=layers, check_ratios=ratios)
+    st = res.result.stats
+    chunk_pos = set()
+    pos = 0
+    for s in segs:
+        if s.kind == "chunk":
+            chunk_pos.update(range(pos, pos + len(s)))
+        pos += len(s)
+    previous = chunk_pos
+    for layer, r in zip(layers, ratios):
+        sel = set(st.selected[layer])
+        assert len(sel) == math.ceil(r * n_chunk)
+        assert sel <= previous, "a later check layer chooses among the earlier selection"
+        previous = sel
+    n_forced = st.num_tokens - n_chunk
+    assert st.computed_per_layer[0] == st.num_tokens
+    assert st.computed_per_layer[2] == n_forced + math.ceil(0.2 * n_chunk)
+    assert st.computed_per_layer[-1] == n_forced + math.ceil(0.1 * n_chunk)
+
+
+def test_suffix_and_prefix_always_recomputed(engine):
+    segs = rag_segments(engine)
+    res = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.0)
+    n_chunk = sum(len(s) for s in segs if s.kind == "chunk")
+    assert res.result.stats.computed_per_layer[-1] == res.result.stats.num_tokens - n_chunk
+
+
+def test_full_prefill_greedy_matches_hf_generate(engine):
+    from transformers import AutoModelForCausalLM
+
+    from engine.loader import resolve_model_dir
+    from engine.segments import token_ids
+
+    segs = rag_segments(engine, PASSAGES[:2])
+    ids = torch.tensor([token_ids(segs)])
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("embedded", engine.settings.data_dir)), dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf.generate(ids, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:]
+    ours = greedy(engine, segs, max_tokens=12, mode="full_prefill")
+    eos = engine.eos_ids
+    ref_ids = [t for t in ref.tolist()]
+    ref_ids = ref_ids[: next((i + 1 for i, t in enumerate(ref_ids) if t in eos), len(ref_ids))]
+    assert ours["token_ids"] == ref_ids
+
+
+def test_prefix_cache_reuses_only_leading_segments(engine, fresh_prefix_cache):
+    chunks = [engine.chunk_from_text(p) for p in PASSAGES]
+    first = engine.chat_segments([{"role": "user", "content": QUESTION}], chunks)
+    swapped = engine.chat_segments([{"role": "user", "content": QUESTION}], [chunks[0], chunks[2], chunks[1]])
+    engine.prefill(first, BlendParams(mode="prefix_cache"))
+    hit = engine.prefill(swapped, BlendParams(mode="prefix_cache"))
+    assert hit.result.stats.exact_tokens == len(first[0]) + len(chunks[0])
+    full = engine.prefill(swapped, BlendParams(mode="full_prefill"))
+    assert torch.allclose(hit.result.logits, full.result.logits, atol=LOGIT_ATOL)
