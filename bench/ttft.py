@@ -14,6 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
+from bench.dataset import PREFIX, Record, load, suffix_for
 from config import MODES, add_settings_flags, load_settings
 from engine.llm_engine import LLMEngine
 from engine.request import BlendParams, Request
@@ -37,22 +38,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_prompt(engine: LLMEngine, record: dict, context_tokens: int, num_chunks: int) -> list[Segment]:
-    from bench.dataset import PREFIX, suffix_for
-
-    question = engine.chat_segments([{"role": "user", "content": suffix_for(record["question"])}], [])
-    fixed = sum(len(s) for s in question) + len(engine.chunk_from_text(PREFIX).token_ids)
-    per_chunk = (context_tokens - fixed) // num_chunks
+def build_prompt(engine: LLMEngine, record: Record, context_tokens: int, num_chunks: int) -> list[Segment]:
+    """The dataset's layout (instruction as the chat preamble), passages cut to fill the budget."""
+    question = [{"role": "user", "content": suffix_for(record.question)}]
+    probe = engine.chat_segments(question, [engine.chunk_segment((0,))])
+    per_chunk = (context_tokens - sum(len(s) for s in probe) + 1) // num_chunks
     if per_chunk < 8:
         raise SystemExit(f"--context-tokens {context_tokens} leaves too little room for {num_chunks} chunks")
-    passages = [c["text"] + "\n\n" for c in record["ctxs"]]
+    passages = [engine.chunk_from_text(p + "\n\n").token_ids for p in record.passages]
     chunks = []
     for i in range(num_chunks):
-        ids = engine.chunk_from_text(passages[i % len(passages)]).token_ids
-        while len(ids) < per_chunk:  # short passages are extended with the next ones
-            ids += engine.chunk_from_text(passages[(i + len(ids)) % len(passages)]).token_ids
+        ids, j = passages[i % len(passages)], i + 1
+        while len(ids) < per_chunk:  # a short passage is continued by the next ones
+            ids, j = ids + passages[j % len(passages)], j + 1
         chunks.append(engine.chunk_segment(ids[:per_chunk]))
-    return engine.chat_segments([{"role": "user", "content": suffix_for(record["question"])}], chunks)
+    return engine.chat_segments(question, chunks)
+
+
+def bench_engine(args: argparse.Namespace, **overrides) -> LLMEngine:
+    """An engine with the dataset's instruction as the chat preamble."""
+    return LLMEngine(load_settings(args, chat_preamble=PREFIX, **overrides))
 
 
 def warm_prefix(engine: LLMEngine, segments: list[Segment]) -> None:
@@ -72,9 +77,8 @@ def measure(engine: LLMEngine, segments: list[Segment], mode: str, ratio: float)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings(args)
-    engine = LLMEngine(settings)
-    record = json.loads(args.dataset.read_text())[args.record]
+    engine = bench_engine(args, kv_disk_bytes=0)  # chunk KV from the cpu tier
+    record = load(args.dataset)[args.record]
     modes = [m for m in args.modes.split(",") if m]
     rows = []
     for context in [int(c) for c in args.context_tokens.split(",")]:

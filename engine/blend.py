@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Generator, Optional, TypeVar
 
 import torch
 
@@ -27,6 +27,7 @@ from engine.attention import CausalPlan, causal_attention
 from engine.model import Transformer
 from engine.selection import kv_deviation, num_selected, select_hkvd
 
+T = TypeVar("T")
 ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
 
 
@@ -90,8 +91,22 @@ class PrefillResult:
     pre_rope_k: Optional[torch.Tensor] = None  # [L, Hkv, N, D] when collected
 
 
-@torch.inference_mode()
 def blend_prefill(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache: KVCache) -> PrefillResult:
+    return run_to_end(blend_prefill_steps(model, inp, spec, cache))
+
+
+def run_to_end(steps: Generator[None, None, T]) -> T:
+    """Drive a step generator to its end and return its result."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.inference_mode()
+def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache: KVCache) -> Generator[None, None, PrefillResult]:
+    """The blend prefill, yielding after every layer (so a low-priority run can be paused)."""
     t_start = time.perf_counter()
     c = model.cfg
     N = inp.token_ids.numel()
@@ -169,6 +184,7 @@ def blend_prefill(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache:
             plan = CausalPlan(active, N, model.dtype)
         h = model.finish_layer(layer, h, causal_attention(q, K, V, plan))
         stats.layer_compute_s.append(time.perf_counter() - t_layer)
+        yield
     logits = model.logits(h[-1:])[0]
     cache.length = N
     stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s

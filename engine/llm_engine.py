@@ -13,12 +13,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Generator, Optional
 
 import torch
 
 from config.settings import MODES, Settings
-from engine.blend import BlendSpec, KVCache, PrefillInput, PrefillResult, blend_prefill
+from engine.blend import BlendSpec, KVCache, PrefillInput, PrefillResult, blend_prefill_steps, run_to_end
 from engine.chunks import Precompute, key_for, precompute_chunk, sink_token_id
 from engine.decode import decode_step
 from engine.detok import Detokenizer
@@ -26,6 +26,7 @@ from engine.loader import EMBEDDED_ALIASES, EMBEDDED_NAME, resolve_model_dir
 from engine.model import Transformer
 from engine.prefix_cache import PrefixCache
 from engine.prompt import chat_segments, completion_segments, default_prefix_ids
+from engine.quality import QualitySample, QualitySampler, RatioController, first_token_kl, token_f1
 from engine.request import BlendParams, Request, RequestOutput
 from engine.sampling import Sampler
 from engine.segments import Segment, spans, token_ids, tokenize
@@ -84,6 +85,17 @@ class _Sequence:
     first_token_time: float = 0.0
     last_token_time: float = 0.0
     itl: list[float] = field(default_factory=list)
+    shadow_logits: Optional[torch.Tensor] = None  # first-token logits kept for a quality sample
+
+
+@dataclass
+class _ShadowJob:
+    """A finished request to re-run with full_prefill when the engine is idle."""
+    request: Request
+    mode: str
+    ratio: Optional[float]
+    served_logits: torch.Tensor        # [V]
+    served_greedy: Optional[list[int]]  # the served answer's first tokens, if it was greedy
 
 
 class LLMEngine:
@@ -112,7 +124,15 @@ class LLMEngine:
         self.kv_dtype = str(model.dtype).removeprefix("torch.")
         self.store: ChunkStore = store if store is not None else build_store(settings, model.device)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes)
-        self.recompute_ratio = settings.recompute_ratio  # the quality controller may move it
+        self.controller = RatioController(settings.recompute_ratio, settings.controller_min_ratio, settings.controller_max_ratio,
+                                          settings.controller_target_agreement, settings.controller_step,
+                                          settings.controller_window, settings.controller_hysteresis) if settings.controller_enabled else None
+        self.recompute_ratio = self.controller.ratio if self.controller else settings.recompute_ratio
+        self._sample_quality = QualitySampler(settings.quality_sample_rate, settings.seed)
+        self.shadow_jobs: deque[_ShadowJob] = deque()
+        self._shadow: Optional[Generator[None, None, None]] = None  # the quality re-run in progress
+        self.on_quality: list[Callable[[QualitySample], None]] = []      # e.g. metrics
+        self.on_controller: list[Callable[[str, float], None]] = []      # (decision, new ratio)
         self.waiting: deque[_Sequence] = deque()
         self.running: list[_Sequence] = []
         self._aborted: set[str] = set()
@@ -171,6 +191,10 @@ class LLMEngine:
 
     def prefill(self, segments: list[Segment], blend: BlendParams = BlendParams(), capacity: int = 0) -> Prefilled:
         """Fused KV cache and last-token logits for the prompt, in the requested mode."""
+        return run_to_end(self.prefill_steps(segments, blend, capacity))
+
+    def prefill_steps(self, segments: list[Segment], blend: BlendParams, capacity: int) -> Generator[None, None, Prefilled]:
+        """`prefill`, yielding after every layer."""
         mode, spec = self.blend_spec(blend)
         ids = token_ids(segments)
         N = len(ids)
@@ -209,7 +233,7 @@ class LLMEngine:
         loader = LayerPrefetcher(self.store, keys, self.model.cfg.num_layers) if chunks else None
         try:
             inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, loader.layer if loader else None)
-            result = blend_prefill(self.model, inp, spec, cache)
+            result = yield from blend_prefill_steps(self.model, inp, spec, cache)
         except ChunkMissing as e:
             # evicted or found corrupt mid-stream: recompute from its tokens and use it from memory
             log.warning("chunk %s vanished during prefill; recomputing it", e.key)
@@ -219,7 +243,7 @@ class LLMEngine:
             loader = None
             inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_,
                                lambda layer: [(kv.keys[layer], kv.values[layer]) for kv in kvs])
-            result = blend_prefill(self.model, inp, spec, cache)
+            result = yield from blend_prefill_steps(self.model, inp, spec, cache)
         finally:
             if loader is not None:
                 loader.close()
@@ -277,7 +301,7 @@ class LLMEngine:
         return len(self.running)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._aborted)
+        return bool(self.waiting or self.running or self._aborted or self.shadow_jobs or self._shadow)
 
     def step(self) -> list[RequestOutput]:
         outputs = self._drop_aborted()
@@ -287,6 +311,14 @@ class LLMEngine:
             outputs.append(self._prefill_one(seq))
         elif self.running:
             outputs += self._decode_running()
+        elif self._shadow is not None or self.shadow_jobs:
+            # low priority: one layer or decode step at a time, only while no request waits or runs
+            if self._shadow is None:
+                self._shadow = self._shadow_steps(self.shadow_jobs.popleft())
+            try:
+                next(self._shadow)
+            except StopIteration:
+                self._shadow = None
         return outputs
 
     def _drop_aborted(self) -> list[RequestOutput]:
@@ -309,6 +341,8 @@ class LLMEngine:
             seq.stats = {"status": "error"}
             return self._finish(seq, "error", error=str(e))
         seq.cache = pre.result.cache
+        if self._sample_quality(pre.mode):
+            seq.shadow_logits = pre.result.logits.clone()
         t0 = time.perf_counter()
         token = seq.sampler(pre.result.logits)
         now = time.perf_counter()
@@ -372,6 +406,10 @@ class LLMEngine:
         now = time.perf_counter()
         if reason == "stop" and text == "" and last_token is not None:
             text = seq.detok.flush()
+        if seq.shadow_logits is not None and reason in ("stop", "length"):
+            p = seq.request.sampling
+            greedy = seq.output_ids[: self.settings.quality_compare_tokens] if p.temperature == 0 else None
+            self.shadow_jobs.append(_ShadowJob(seq.request, seq.stats["mode"], seq.stats["ratio"], seq.shadow_logits, greedy))
         stats = dict(seq.stats)
         stats.setdefault("status", "ok")
         if reason == "abort":
@@ -383,7 +421,39 @@ class LLMEngine:
             "decode_s": now - seq.first_token_time if seq.first_token_time else 0.0,
             "itl_s": seq.itl,
         })
+        log.debug("finished %s: %s", seq.request.request_id, _breakdown(stats), extra={"request_id": seq.request.request_id})
         return RequestOutput(seq.request.request_id, text, [last_token] if last_token is not None else [], True, reason, error, stats)
+
+    # --- quality sampling -----------------------------------------------------------------
+
+    def _greedy_steps(self, pre: Prefilled, n: int) -> Generator[None, None, list[int]]:
+        """Greedy-decode up to n tokens (stopping at EOS) from a prefill's fused cache."""
+        tokens = [int(pre.result.logits.argmax())]
+        while len(tokens) < n and tokens[-1] not in self.eos_ids:
+            yield
+            tokens.append(int(decode_step(self.model, [pre.result.cache], [tokens[-1]])[0].argmax()))
+        return tokens
+
+    def _shadow_steps(self, job: _ShadowJob) -> Generator[None, None, None]:
+        n = self.settings.quality_compare_tokens
+        req = job.request
+        capacity = req.num_prompt_tokens + n
+        full = yield from self.prefill_steps(req.segments, BlendParams(mode="full_prefill"), capacity)
+        full_answer = yield from self._greedy_steps(full, n)
+        served = job.served_greedy
+        if served is None:  # a sampled answer says nothing about the cache: decode greedily in the served mode
+            again = yield from self.prefill_steps(req.segments, req.blend, capacity)
+            served = yield from self._greedy_steps(again, n)
+        sample = QualitySample(req.request_id, job.mode, job.ratio, first_token_kl(full.result.logits, job.served_logits),
+                               int(full.result.logits.argmax()) == int(job.served_logits.argmax()), token_f1(served, full_answer))
+        for listener in self.on_quality:
+            listener(sample)
+        if self.controller is not None:
+            decision = self.controller.observe(float(sample.top1_agree))
+            if decision is not None:
+                self.recompute_ratio = self.controller.ratio
+                for listener in self.on_controller:
+                    listener(decision, self.recompute_ratio)
 
     # --- convenience ----------------------------------------------------------------------
 
@@ -400,6 +470,13 @@ class LLMEngine:
                 if out.finished:
                     res["stats"], res["finish_reason"], res["error"] = out.stats, out.finish_reason, out.error
         return results
+
+
+def _breakdown(stats: dict) -> str:
+    """One line: TTFT and its phases, reuse, finish (for DEBUG logs)."""
+    keys = ("mode", "ratio", "finish_reason", "prompt_tokens", "tokens_reused", "tokens_recomputed", "chunk_hits",
+            "queue_s", "kv_fetch_s", "selection_s", "recompute_s", "first_decode_s", "ttft_s", "e2e_s")
+    return " ".join(f"{k}={round(stats[k], 4) if isinstance(stats.get(k), float) else stats.get(k)}" for k in keys if k in stats)
 
 
 def _eos_ids(model: Transformer, tokenizer) -> set[int]:

@@ -1,6 +1,6 @@
 """Tests of the tiered chunk-KV store, its registry and the layer prefetcher.
 
-Redis and S3 are real: a redis-server process and a moto server on loopback (tests/services.py).
+Redis and S3 are real: a redis-server process and a moto server on loopback (bench/services.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kvstore.tier_disk import DiskTier
 from kvstore.tier_memory import MemoryTier
 from kvstore.tier_redis import KEY_PREFIX, RedisTier
 from kvstore.tier_s3 import S3Tier
-from services import MotoServer, RedisServer, redis_available, start_moto, start_redis
+from bench.services import MotoServer, RedisServer, redis_available, start_moto, start_redis
 
 L, H, T, D = 4, 2, 16, 8
 FP16_CHUNK = 2 * L * H * T * D * 2  # bytes of one chunk's K and V in float16
@@ -625,7 +625,7 @@ def test_s3_round_trip(tmp_path: Path, aws_env: MotoServer) -> None:
 
 
 def test_s3_unreachable_degrades(tmp_path: Path, aws_env: MotoServer) -> None:
-    from services import free_port
+    from bench.services import free_port
     dead = f"http://127.0.0.1:{free_port()}"
     with make_store(tmp_path, extra=[S3Tier("kvstore-test", "", dead, timeout_s=0.5)]) as s:
         s.put(key_of(0), make_kv(0))

@@ -1,6 +1,6 @@
 """Real backing services for tests: a redis-server process and a moto S3 server, on loopback.
 
-Plain context managers, usable from any test module's fixtures:
+Plain context managers for test fixtures and benchmarks:
 
     with start_redis() as redis_server:      # redis_server.url, .kill(), .restart()
         ...

@@ -1,0 +1,368 @@
+"""`cacheblend bench gpu`: TTFT of full_prefill vs cacheblend at 4k-32k tokens on a lent NVIDIA GPU.
+
+Needs nothing from the internet: the model is random weights with Mistral-7B's shape (32 layers,
+hidden 4096, 32 heads, 8 KV heads, intermediate 14336, vocab 32000) in bfloat16, built directly on
+the GPU (a MistralConfig and a random state dict, never an HF model on the CPU) and run through
+our own `engine.model.Transformer` and `LLMEngine.prefill`. Random weights give meaningless text
+but the same arithmetic, so timings are those of the real shape.
+
+The prompt is a 32-token prefix, `context // chunk_tokens` chunks of `--chunk-tokens` random
+tokens, and a 32-token suffix. Chunk KV is precomputed once (not timed) and kept in two tiers:
+  device: in GPU memory;
+  cpu:    in pinned host memory, copied to the GPU layer by layer by the engine during prefill.
+Per context the modes are: full_prefill; cacheblend (r=`--ratio`, check layer `--check-layer`)
+from each tier. TTFT = prefill + first token (argmax, copied to the host), timed with CUDA
+events after `--warmup` untimed runs, median of `--repeat` runs (interleaved). The prefix cache is
+cleared before every run, so nothing but chunk KV is reused.
+
+Writes a markdown table and JSON (`--out`, default gpu_ttft.md / gpu_ttft.json). Designed to take
+well under 6 minutes on an H200 (`--budget-s` stops starting new context sizes past a deadline).
+`--dry-run`: a 2-layer tiny model on the CPU at contexts 64,128 (what the test runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+FIXED_TOKENS = 32  # prefix and suffix length each
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gpu", help="TTFT full_prefill vs cacheblend, Mistral-7B shape, random weights, 4k-32k (GPU)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default=None, help="comma list of context sizes in chunk tokens (default 4096,8192,16384,32768; dry run 64,128)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default 512; dry run 16)")
+    p.add_argument("--ratio", type=float, default=0.15, help="cacheblend recompute ratio (default: %(default)s)")
+    p.add_argument("--check-layer", type=int, default=None,
+                   help="cacheblend check layer (default 1; dry run 0, so its 2-layer model recomputes selectively)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per mode and context (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per mode and context (default: %(default)s)")
+    p.add_argument("--tiers", default="device,cpu", help="chunk KV tiers to measure (default: %(default)s)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default bfloat16 (dry run float32)")
+    p.add_argument("--device", default=None, help="default cuda (dry run cpu)")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="start no new context size after this many seconds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("gpu_ttft.md"), help="markdown table; JSON goes next to it (.json)")
+    p.add_argument("--dry-run", action="store_true", help="tiny 2-layer model on the CPU, contexts 64,128 (for tests)")
+    p.set_defaults(func=run)
+
+
+# --- model ------------------------------------------------------------------------------------
+
+
+def hf_config(shape: dict, max_positions: int):
+    from transformers import MistralConfig
+
+    return MistralConfig(**shape, max_position_embeddings=max_positions, rope_theta=1e6, sliding_window=None,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+@torch.no_grad()
+def random_state_dict(shape: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights in HF Llama/Mistral naming, created on `device` (no CPU copy of the model)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    H, I, V, L = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_hidden_layers"]
+    D, nh, nkv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    out_std = 0.02 / math.sqrt(2 * L)  # residual-branch outputs scaled down so activations stay finite
+
+    def rnd(*size: int, std: float = 0.02) -> torch.Tensor:
+        return torch.empty(size, device=device, dtype=dtype).normal_(0.0, std, generator=g)
+
+    w = {"model.embed_tokens.weight": rnd(V, H), "model.norm.weight": torch.ones(H, device=device, dtype=dtype),
+         "lm_head.weight": rnd(V, H)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = torch.ones(H, device=device, dtype=dtype)
+        w[p + "post_attention_layernorm.weight"] = torch.ones(H, device=device, dtype=dtype)
+        w[p + "self_attn.q_proj.weight"] = rnd(nh * D, H)
+        w[p + "self_attn.k_proj.weight"] = rnd(nkv * D, H)
+        w[p + "self_attn.v_proj.weight"] = rnd(nkv * D, H)
+        w[p + "self_attn.o_proj.weight"] = rnd(H, nh * D, std=out_std)
+        w[p + "mlp.gate_proj.weight"] = rnd(I, H)
+        w[p + "mlp.up_proj.weight"] = rnd(I, H)
+        w[p + "mlp.down_proj.weight"] = rnd(H, I, std=out_std)
+    return w
+
+
+def _fingerprint_any_device(config, weights: dict[str, torch.Tensor]) -> str:
+    """engine.model._fingerprint, with the value sample moved to the CPU first (it calls .numpy())."""
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for name in sorted(weights):
+        t = weights[name]
+        flat = t.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def _device_safe_fingerprint():
+    import engine.model as em
+
+    original = em._fingerprint
+    em._fingerprint = _fingerprint_any_device
+    try:
+        yield
+    finally:
+        em._fingerprint = original
+
+
+def build_model(shape: dict, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int):
+    from engine.model import Transformer
+
+    weights = random_state_dict(shape, device, dtype, seed)
+    with _device_safe_fingerprint():
+        model = Transformer(hf_config(shape, max_positions), weights, device, dtype)
+    del weights
+    return model
+
+
+def tier_store(tier: str, device: torch.device, dtype: str):
+    """A store holding chunk KV in one memory tier only, in the compute dtype.
+
+    device: GPU memory; cpu: host memory, pinned when the device is CUDA. The engine reads it
+    layer by layer (LayerPrefetcher: a background thread, side CUDA stream) during prefill.
+    """
+    from kvstore import TieredStore
+    from kvstore.tier_memory import MemoryTier
+
+    cap = 1 << 40  # never evict in this bench
+    if tier == "device":
+        t = MemoryTier("device", cap, device)
+    else:
+        t = MemoryTier("cpu", cap, torch.device("cpu"), pin_memory=device.type == "cuda")
+    return TieredStore([t], dtype, device)
+
+
+class StubTokenizer:
+    """What LLMEngine reads from a tokenizer when prompts arrive as token IDs."""
+    bos_token_id = 1
+    eos_token_id = 2
+    unk_token_id = 0
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.unk_token_id
+
+
+# --- measurement --------------------------------------------------------------------------------
+
+
+class Timer:
+    """CUDA events on a GPU, perf_counter elsewhere; milliseconds."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> "Timer":
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.ms = self.start.elapsed_time(self.end)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+        self.wall_ms = (time.perf_counter() - self.t0) * 1e3
+
+
+@dataclass
+class Case:
+    label: str
+    mode: str
+    tier: Optional[str]  # chunk KV tier for cacheblend
+
+
+def first_token(engine, segments, blend, device: torch.device) -> tuple[int, object]:
+    from engine.segments import token_ids
+
+    pre = engine.prefill(segments, blend, len(token_ids(segments)) + 1)
+    return int(pre.result.logits.argmax().item()), pre
+
+
+def run(args: argparse.Namespace) -> int:
+    from config.settings import Settings
+    from engine.llm_engine import LLMEngine
+    from engine.request import BlendParams
+    from engine.segments import Segment
+
+    t_start = time.perf_counter()
+    dry = args.dry_run
+    device = torch.device(args.device or ("cpu" if dry else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: run on a GPU machine, or pass --dry-run", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype or ("float32" if dry else "bfloat16"))
+    shape = TINY if dry else MISTRAL_7B
+    contexts = [int(c) for c in (args.contexts or ("64,128" if dry else "4096,8192,16384,32768")).split(",") if c.strip()]
+    chunk_tokens = args.chunk_tokens or (16 if dry else 512)
+    tiers = [t for t in args.tiers.split(",") if t.strip()]
+    for t in tiers:
+        if t not in ("device", "cpu"):
+            raise SystemExit(f"unknown tier {t!r}: device, cpu")
+    check_layer = args.check_layer if args.check_layer is not None else (0 if dry else 1)
+    if not 0 <= check_layer < shape["num_hidden_layers"]:
+        raise SystemExit(f"--check-layer must be in [0, {shape['num_hidden_layers']})")
+    torch.manual_seed(args.seed)
+    max_ctx = max(contexts)
+    num_chunks = max(1, max_ctx // chunk_tokens)
+    max_positions = max_ctx + 2 * FIXED_TOKENS + 64
+
+    t0 = time.perf_counter()
+    model = build_model(shape, device, dtype, max_positions, args.seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    settings = Settings(device=device.type, dtype=args.dtype or ("float32" if dry else "bfloat16"), chunk_context="sink",
+                        max_model_len=max_positions, recompute_ratio=args.ratio, check_layers=[check_layer],
+                        prefix_cache_bytes=1 << 30)
+    stores = {t: tier_store(t, device, settings.dtype) for t in tiers}
+    engine = LLMEngine(settings, store=stores[tiers[0]] if tiers else tier_store("cpu", device, settings.dtype),
+                       model=model, tokenizer=StubTokenizer())
+
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = shape["vocab_size"]
+
+    def rand_ids(n: int) -> tuple[int, ...]:
+        return tuple(int(x) for x in torch.randint(3, vocab, (n,), generator=g))
+
+    prefix = Segment("prefix", (1,) + rand_ids(FIXED_TOKENS - 1))
+    suffix = Segment("suffix", rand_ids(FIXED_TOKENS))
+    chunks = [engine.chunk_segment(rand_ids(chunk_tokens)) for _ in range(num_chunks)]
+
+    # chunk KV: precomputed once (not timed), then kept in each tier
+    t0 = time.perf_counter()
+    for seg in chunks:
+        kv = engine.compute_chunk_kv(seg)
+        for store in stores.values():
+            store.put(seg.chunk_key, kv)
+        del kv
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    precompute_s = time.perf_counter() - t0
+
+    cases = [Case("full_prefill", "full_prefill", None)] + [Case(f"cacheblend[{t}]", "cacheblend", t) for t in tiers]
+    blend = {"full_prefill": BlendParams(mode="full_prefill"),
+             "cacheblend": BlendParams(mode="cacheblend", recompute_ratio=args.ratio, check_layers=[check_layer])}
+    rows, skipped = [], []
+    for ctx in contexts:
+        if time.perf_counter() - t_start > args.budget_s:
+            skipped.append(ctx)
+            continue
+        k = max(1, ctx // chunk_tokens)
+        segments = [prefix] + chunks[:k] + [suffix]
+        n_tokens = sum(len(s) for s in segments)
+        samples: dict[str, list[float]] = {c.label: [] for c in cases}
+        walls: dict[str, list[float]] = {c.label: [] for c in cases}
+        recomputed: dict[str, int] = {}
+        tokens_out: dict[str, int] = {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for it in range(args.warmup + args.repeat):
+            order = cases[it % len(cases):] + cases[:it % len(cases)]
+            for case in order:
+                if case.tier is not None:
+                    engine.store = stores[case.tier]
+                engine.prefix_cache.clear()
+                with Timer(device) as tm:
+                    tok, pre = first_token(engine, segments, blend[case.mode], device)
+                recomputed[case.label] = pre.result.stats.recomputed_tokens
+                tokens_out[case.label] = tok
+                del pre
+                if it >= args.warmup:
+                    samples[case.label].append(tm.ms)
+                    walls[case.label].append(tm.wall_ms)
+        engine.prefix_cache.clear()
+        full = statistics.median(samples["full_prefill"])
+        row = {"context_tokens": n_tokens, "chunks": k, "chunk_tokens": chunk_tokens,
+               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+        for case in cases:
+            xs = samples[case.label]
+            med = statistics.median(xs)
+            row[case.label] = {"ttft_median_ms": med, "ttft_min_ms": min(xs), "ttft_max_ms": max(xs), "ttft_all_ms": xs,
+                               "wall_median_ms": statistics.median(walls[case.label]),
+                               "speedup_vs_full_prefill": full / med, "tokens_recomputed": recomputed[case.label]}
+        rows.append(row)
+        print(_row_line(row, cases), flush=True)
+
+    for store in stores.values():
+        store.close()
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."),
+            "shape": shape, "dry_run": dry, "ratio": args.ratio, "check_layer": check_layer,
+            "repeat": args.repeat, "warmup": args.warmup, "tiers": tiers, "model_build_s": build_s,
+            "chunk_precompute_s": precompute_s, "total_s": time.perf_counter() - t_start,
+            "skipped_contexts": skipped, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+    md = to_markdown(rows, cases, info)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(md)
+    json_path = args.out.with_suffix(".json")
+    json_path.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    print(md)
+    print(f"wrote {args.out} and {json_path}")
+    return 0
+
+
+def _row_line(row: dict, cases: list[Case]) -> str:
+    parts = [f"{row['context_tokens']:>6} tokens"]
+    for c in cases:
+        r = row[c.label]
+        parts.append(f"{c.label} {r['ttft_median_ms']:.1f} ms ({r['speedup_vs_full_prefill']:.2f}x)")
+    return " | ".join(parts)
+
+
+def to_markdown(rows: list[dict], cases: list[Case], info: dict) -> str:
+    head = ["context tokens"] + [f"{c.label} TTFT ms" for c in cases] + [f"{c.label} speedup" for c in cases if c.mode != "full_prefill"] + ["recomputed (cacheblend)"]
+    model = "tiny 2-layer model (dry run)" if info["dry_run"] else "Mistral-7B shape (random weights)"
+    lines = [f"# TTFT, {model}, {info['dtype']}, {info['device']}", "",
+             f"cacheblend r={info['ratio']}, check layer {info['check_layer']}; median of {info['repeat']} runs after "
+             f"{info['warmup']} warm-up runs ({info['timer']}); chunk KV precomputed (not timed); prefix cache cleared before each run.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(row["context_tokens"])] + [f"{row[c.label]['ttft_median_ms']:.1f}" for c in cases]
+        cells += [f"{row[c.label]['speedup_vs_full_prefill']:.2f}x" for c in cases if c.mode != "full_prefill"]
+        cb = next((c for c in cases if c.mode == "cacheblend"), None)
+        cells.append(str(row[cb.label]["tokens_recomputed"]) if cb else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"model build {info['model_build_s']:.1f} s, chunk precompute {info['chunk_precompute_s']:.1f} s, "
+                  f"total {info['total_s']:.1f} s; torch {info['torch']}, CUDA {info['cuda']}"]
+    if info["skipped_contexts"]:
+        lines.append(f"skipped (time budget): {info['skipped_contexts']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m bench.gpu_ttft ...` (same flags as `cacheblend bench gpu`)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_ttft")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["gpu", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

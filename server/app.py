@@ -1,0 +1,159 @@
+"""The HTTP app: thin routes over the serving classes, and the server's lifecycle.
+
+Lifecycle: the app starts answering at once while the model loads in the background (/health
+is 503 until it is loaded); on shutdown it stops taking requests, lets running ones finish
+(bounded), aborts the rest, stops the engine thread and closes the store (flushing it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import Response
+
+from config.settings import Settings
+from engine.llm_engine import LLMEngine
+from server.errors import APIError, install_error_handlers
+from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from server.protocol import ChatCompletionRequest, ChunkCreateRequest, CompletionRequest, ModelCard, ModelList
+from server.serving_chat import OpenAIServingChat
+from server.serving_chunks import OpenAIServingChunks
+from server.serving_completion import OpenAIServingCompletion
+from server.serving_engine import cancel_on_disconnect
+from server.state import ServerState, load_state
+
+log = logging.getLogger(__name__)
+
+# After the HTTP server has drained its connections: how long running requests may still take.
+ENGINE_DRAIN_S = 5.0
+
+
+@dataclass
+class Serving:
+    """The loaded state and the serving classes over it."""
+    state: ServerState
+    chunks: OpenAIServingChunks
+    chat: OpenAIServingChat
+    completion: OpenAIServingCompletion
+
+    @classmethod
+    def over(cls, state: ServerState) -> "Serving":
+        chunks = OpenAIServingChunks(state)
+        return cls(state, chunks, OpenAIServingChat(state, chunks), OpenAIServingCompletion(state, chunks))
+
+
+class Runtime:
+    """The server's lifecycle: loading (in the background), serving, failed, or draining."""
+
+    def __init__(self, settings: Settings, engine: Optional[LLMEngine], on_fatal: Optional[Callable[[], None]]):
+        self.settings = settings
+        self._engine = engine
+        self._on_fatal = on_fatal
+        self.serving: Optional[Serving] = None
+        self.load_error: Optional[str] = None
+        self.draining = False
+
+    async def load(self) -> None:
+        try:
+            state = await asyncio.to_thread(load_state, self.settings, self._engine)
+        except Exception as e:
+            log.exception("could not load the model")
+            self.load_error = f"{type(e).__name__}: {e}"
+            if self._on_fatal is not None:
+                self._on_fatal()
+            return
+        self.serving = Serving.over(state)
+
+    async def shutdown(self, loader: asyncio.Task) -> None:
+        self.draining = True
+        await loader  # a load in progress cannot be interrupted; let it end first
+        if self.serving is not None:
+            await self.serving.state.async_engine.shutdown(ENGINE_DRAIN_S)
+            await asyncio.to_thread(self.serving.state.close)
+
+    def ready(self) -> Serving:
+        """The serving classes; APIError 503 while loading, after a failed load, or draining."""
+        if self.draining:
+            reason = "the server is shutting down"
+        elif self.load_error is not None:
+            reason = f"the model failed to load: {self.load_error}"
+        elif self.serving is None:
+            reason = "the model is loading"
+        else:
+            return self.serving
+        raise APIError(reason, 503, headers={"Retry-After": "5"})
+
+
+def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
+              on_fatal: Optional[Callable[[], None]] = None) -> FastAPI:
+    """The server app. `engine` (already loaded, with its store) is used instead of loading one
+    from `settings`; `on_fatal` is called if loading fails (the CLI stops the server)."""
+    rt = Runtime(settings, engine, on_fatal)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(rt.load())
+        try:
+            yield
+        finally:
+            await rt.shutdown(loader)
+
+    app = FastAPI(title="CacheBlend", lifespan=lifespan)
+    app.state.runtime = rt
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # outermost: checked first
+
+    @app.get("/health")
+    async def health() -> dict:
+        state = rt.ready().state
+        return {"status": "ok", "model": state.model_name, "num_running": state.async_engine.num_running,
+                "num_waiting": state.async_engine.num_waiting}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        state = rt.ready().state
+        m = state.metrics
+        m.observe_store(await asyncio.to_thread(state.engine.store.stats))
+        m.set_queue(state.async_engine.num_running, state.async_engine.num_waiting)
+        m.set_ratio(state.engine.recompute_ratio)
+        body, content_type = m.render()
+        return Response(body, media_type=content_type)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        state = rt.ready().state
+        card = ModelCard(id=state.model_name, root=state.model_name, max_model_len=state.engine.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request):
+        return await cancel_on_disconnect(rt.ready().chat.create_chat_completion(body), raw_request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw_request: Request):
+        return await cancel_on_disconnect(rt.ready().completion.create_completion(body), raw_request)
+
+    @app.post("/v1/chunks")
+    async def create_chunks(body: ChunkCreateRequest) -> dict:
+        return await rt.ready().chunks.create(body)
+
+    @app.get("/v1/chunks")
+    async def list_chunks(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> dict:
+        return await rt.ready().chunks.list(after, limit)
+
+    @app.get("/v1/chunks/{chunk_id}")
+    async def retrieve_chunk(chunk_id: str) -> dict:
+        return await rt.ready().chunks.retrieve(chunk_id)
+
+    @app.delete("/v1/chunks/{chunk_id}")
+    async def delete_chunk(chunk_id: str) -> dict:
+        return await rt.ready().chunks.delete(chunk_id)
+
+    return app

@@ -1,0 +1,137 @@
+"""`cacheblend eval` / `cacheblend tune` end to end on the real embedded model (small: 2 questions,
+2 short passages each), plus the pure helpers."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import eval as ev
+from bench import tune
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "musique_s.json"
+needs_data = pytest.mark.skipif(not DATA.is_file(), reason="../shared/data/musique_s.json not present")
+
+ROW_KEYS = {"mode", "ratio", "f1", "agreement_f1", "exact_match", "kl_first_token", "kl_below_full_reuse",
+            "top1_agreement", "ttft_median_s", "ttft_p95_s", "tokens_recomputed"}
+# short passages keep the run small; --threads 1 is faster than 2 on a shared 2-core machine
+SMALL = ["--dataset", str(DATA), "--limit", "2", "--passages", "2", "--passage-chars", "300", "--max-new-tokens", "6", "--threads", "1",
+         "--no-progress"]
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+
+
+@needs_data
+def test_eval_end_to_end(tmp_path, capsys):
+    out, plots = tmp_path / "eval.json", tmp_path / "plots"
+    rc = ev.main(SMALL + ["--ratios", "0.15,1.0", "--variants", "default,head2,prefix_ctx,random_sel", "--context-points", "1,2",
+                          "--context-questions", "1", "--json", str(out), "--plots", str(plots)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "cacheblend@0.15" in printed and "variants" in printed
+
+    res = json.loads(out.read_text())
+    rows = {r["label"]: r for r in res["rows"]}
+    assert list(rows) == ["full_prefill", "prefix_cache", "full_reuse", "cacheblend@0.15", "cacheblend@1"]
+    for r in rows.values():
+        assert ROW_KEYS <= set(r)
+        assert r["n"] == 2
+        assert r["ttft_median_s"] > 0 and r["ttft_p95_s"] >= r["ttft_median_s"]
+        assert 0 <= r["f1"] <= 1 and 0 <= r["top1_agreement"] <= 1 and r["kl_first_token"] >= 0
+    assert rows["cacheblend@0.15"]["ratio"] == 0.15 and rows["full_reuse"]["ratio"] is None
+
+    # the reference against itself, and exact prefix reuse
+    assert rows["full_prefill"]["kl_first_token"] == 0 and rows["full_prefill"]["agreement_f1"] == 1
+    assert rows["prefix_cache"]["kl_first_token"] < 1e-3 and rows["prefix_cache"]["top1_agreement"] == 1
+    # ratio 1.0 recomputes every token: the same distribution and the same answers as full prefill
+    full_r = rows["cacheblend@1"]
+    assert full_r["kl_first_token"] < 1e-4
+    assert full_r["top1_agreement"] == 1 and full_r["exact_match"] == 1 and full_r["same_answer"] == 1
+    for q in res["questions"]:
+        assert q["results"]["cacheblend@1"]["answer"] == q["results"]["full_prefill"]["answer"]
+    # fewer tokens recomputed at a lower ratio; full_reuse recomputes only prefix/suffix
+    assert rows["full_reuse"]["tokens_recomputed"] < rows["cacheblend@0.15"]["tokens_recomputed"] < rows["full_prefill"]["tokens_recomputed"]
+    assert rows["cacheblend@1"]["tokens_recomputed"] == rows["full_prefill"]["tokens_recomputed"]
+
+    variants = {v["variant"]: v for v in res["variants"]}
+    assert set(variants) == {"default", "head2", "prefix_ctx", "random_sel"}
+    assert variants["default"]["kl_first_token"] == rows["cacheblend@0.15"]["kl_first_token"]  # the same runs
+    assert variants["head2"]["tokens_recomputed"] > variants["default"]["tokens_recomputed"]
+    assert variants["random_sel"]["tokens_recomputed"] == variants["default"]["tokens_recomputed"]
+    assert variants["random_sel"]["kl_first_token"] != variants["default"]["kl_first_token"]  # other tokens chosen
+    for v in variants.values():
+        assert {"kl_first_token", "kl_below_full_reuse", "ttft_median_s"} <= set(v)
+
+    ctx = res["context"]
+    assert {r["passages"] for r in ctx} == {1, 2} and len(ctx) == 8
+    assert all(r["ttft_median_s"] > 0 for r in ctx)
+
+    names = sorted(p.name for p in plots.iterdir())
+    assert names == ["quality_vs_ratio.png", "ttft_vs_context.png", "ttft_vs_ratio.png", "variants.png"]
+    for p in plots.iterdir():
+        assert_png(p)
+
+
+@needs_data
+def test_tune_picks_a_ratio(tmp_path, capsys):
+    out, plot = tmp_path / "tune.json", tmp_path / "tune.png"
+    rc = tune.main(SMALL[:3] + ["1"] + SMALL[4:] + ["--ratios", "0.1,1.0", "--tolerance", "1.0", "--json", str(out),
+                                                   "--plot", str(plot)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["chosen_ratio"] == 0.1          # everything is within a tolerance of 1
+    assert "chosen recompute_ratio = 0.1" in capsys.readouterr().out
+    assert_png(plot)
+
+
+def test_choose_smallest_within_tolerance():
+    rows = [{"mode": "full_prefill", "ratio": None, "top1_agreement": 1.0, "kl_first_token": 0.0},
+            {"mode": "cacheblend", "ratio": 0.3, "top1_agreement": 0.96, "kl_first_token": 0.02},
+            {"mode": "cacheblend", "ratio": 0.05, "top1_agreement": 0.7, "kl_first_token": 0.4},
+            {"mode": "cacheblend", "ratio": 0.1, "top1_agreement": 0.92, "kl_first_token": 0.05},
+            {"mode": "cacheblend", "ratio": 1.0, "top1_agreement": 1.0, "kl_first_token": 0.0}]
+    assert tune.choose(rows, "top1_agreement", 0.05) == (0.3, 1.0)
+    assert tune.choose(rows, "top1_agreement", 0.1) == (0.1, 1.0)
+    assert tune.choose(rows, "kl_first_token", 0.06) == (0.1, 0.0)
+    assert tune.choose(rows, "kl_first_token", 0.0) == (1.0, 0.0)
+    assert tune.choose([], "kl_first_token", 0.1) == (None, None)
+
+
+def test_kl_and_percentile():
+    a = torch.tensor([2.0, 1.0, 0.0])
+    assert ev.kl_divergence(a, a) == 0.0
+    p = torch.softmax(a.double(), -1)
+    q = torch.softmax(torch.tensor([0.0, 1.0, 2.0]).double(), -1)
+    assert ev.kl_divergence(a, torch.tensor([0.0, 1.0, 2.0])) == pytest.approx(float((p * (p / q).log()).sum()))
+    assert ev.percentile([1, 2, 3, 4, 5], 50) == 3
+    assert ev.percentile([1.0, 2.0], 95) == pytest.approx(1.95)
+
+
+def test_parse_variants():
+    vs = ev.parse_variants("all", num_layers=30)
+    assert [v.name for v in vs] == ["default", "head4", "prefix_ctx", "gradual", "key_signal", "check0", "check2", "check3",
+                                    "random_sel"]
+    by = {v.name: v for v in vs}
+    assert by["head4"].engine_overrides == {"recompute_chunk_head": 4}
+    assert by["prefix_ctx"].engine_overrides == {"chunk_context": "prefix"}
+    g = by["gradual"].spec(0.15)
+    assert g.check_layers == (1, 8, 16) and g.check_ratios == (0.2, 0.15, 0.1) and g.ratio == 0.1
+    assert by["key_signal"].spec(0.15).selection_signal == "key"
+    assert by["check2"].spec(0.2).check_layers == (2,) and by["check2"].spec(0.2).ratio == 0.2
+    assert by["default"].engine_key == "default" and by["head4"].engine_key != "default"
+    assert by["random_sel"].spec(0.15).selector == "random"
+    with pytest.raises(ValueError, match="unknown variant"):
+        ev.parse_variant("bogus", 30)
+    with pytest.raises(ValueError):
+        ev.parse_variant("check40", 30)

@@ -1,0 +1,41 @@
+"""bench/gpu_ttft.py dry run: the GPU script on the CPU with a tiny 2-layer model, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import gpu_ttft
+
+
+def test_dry_run_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "gpu_ttft.md"
+    rc = gpu_ttft.main(["--dry-run", "--repeat", "2", "--warmup", "1", "--out", str(out)])
+    assert rc == 0
+    md = out.read_text()
+    assert md.startswith("# TTFT, tiny 2-layer model (dry run)")
+    assert "| context tokens |" in md and "cacheblend[device]" in md and "cacheblend[cpu]" in md
+
+    res = json.loads(out.with_suffix(".json").read_text())
+    rows = res["rows"]
+    assert [r["context_tokens"] for r in rows] == [64 + 2 * gpu_ttft.FIXED_TOKENS, 128 + 2 * gpu_ttft.FIXED_TOKENS]
+    for r in rows:
+        for label in ("full_prefill", "cacheblend[device]", "cacheblend[cpu]"):
+            cell = r[label]
+            assert cell["ttft_median_ms"] > 0 and len(cell["ttft_all_ms"]) == 2
+            assert cell["speedup_vs_full_prefill"] > 0
+        assert r["full_prefill"]["tokens_recomputed"] == r["context_tokens"]
+        assert r["cacheblend[device]"]["tokens_recomputed"] < r["context_tokens"]  # selective recompute after layer 0
+        assert r["cacheblend[cpu]"]["tokens_recomputed"] == r["cacheblend[device]"]["tokens_recomputed"]
+    assert res["info"]["dry_run"] and res["info"]["shape"]["num_hidden_layers"] == 2
+
+
+def test_random_weights_have_the_mistral_shape_names():
+    w = gpu_ttft.random_state_dict(gpu_ttft.TINY, torch.device("cpu"), torch.float32, seed=0)
+    assert w["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 16, 64)
+    assert w["model.layers.0.mlp.down_proj.weight"].shape == (64, 128)
+    assert w["lm_head.weight"].shape == (256, 64)
+    cfg = gpu_ttft.hf_config(gpu_ttft.MISTRAL_7B, 40000)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size, cfg.sliding_window) == (32, 4096, 32, 8, 14336, 32000, None)
