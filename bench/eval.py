@@ -28,7 +28,6 @@ precompute and prefix warm-up are not timed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import logging
@@ -71,7 +70,6 @@ class ModeSpec:
     check_ratios: Optional[tuple[float, ...]] = None
     selection_signal: Optional[str] = None
     engine: str = "default"  # key into Harness.engines
-    selector: Optional[str] = None  # "random": a control that replaces HKVD selection (see random_selection)
 
     def blend(self) -> BlendParams:
         if self.mode != "cacheblend":
@@ -83,7 +81,7 @@ class ModeSpec:
 
     @property
     def identity(self) -> tuple:
-        return (self.engine, self.mode, self.ratio, self.check_layers, self.check_ratios, self.selection_signal, self.selector)
+        return (self.engine, self.mode, self.ratio, self.check_layers, self.check_ratios, self.selection_signal)
 
 
 def base_spec(mode: str, engine: str = "default") -> ModeSpec:
@@ -179,30 +177,6 @@ def drop_chunks(engine: LLMEngine, segments: Iterable[Segment]) -> None:
             engine.store.delete(seg.chunk_key)
 
 
-@contextlib.contextmanager
-def random_selection(seed: int):
-    """Control for the HKVD choice: keep the same number of chunk tokens, drawn uniformly at random.
-
-    The engine has no hook for this, so the blend module's selection function is swapped for the
-    duration of one prefill (bench-only; an engine-side `selection_signal="random"` would be cleaner).
-    """
-    import engine.blend as blend_mod
-
-    original = blend_mod.select_hkvd
-    g = torch.Generator().manual_seed(seed)
-
-    def pick(deviation: torch.Tensor, k: int) -> torch.Tensor:
-        if k >= deviation.numel():
-            return torch.arange(deviation.numel(), device=deviation.device)
-        return torch.randperm(deviation.numel(), generator=g)[:k].sort().values.to(deviation.device)
-
-    blend_mod.select_hkvd = pick
-    try:
-        yield
-    finally:
-        blend_mod.select_hkvd = original
-
-
 def measure(engine: LLMEngine, segments: list[Segment], spec: ModeSpec, max_new_tokens: int = 32,
             warm: bool = False) -> Outcome:
     """Prefill `segments` in `spec`'s mode (timed to the first token), then decode greedily.
@@ -216,12 +190,10 @@ def measure(engine: LLMEngine, segments: list[Segment], spec: ModeSpec, max_new_
     N = sum(len(s) for s in segments)
     if N + max_new_tokens > engine.max_model_len:
         raise ValueError(f"prompt of {N} tokens + {max_new_tokens} new tokens exceeds max_model_len {engine.max_model_len}")
-    patch = random_selection(N) if spec.selector == "random" else contextlib.nullcontext()
-    with patch:
-        t0 = time.perf_counter()
-        pre = engine.prefill(segments, spec.blend(), N + max(max_new_tokens, 1))
-        first = int(pre.result.logits.argmax())
-        ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pre = engine.prefill(segments, spec.blend(), N + max(max_new_tokens, 1))
+    first = int(pre.result.logits.argmax())
+    ttft = time.perf_counter() - t0
     engine.prefix_cache.clear()
     ids = [first]
     cache = pre.result.cache
@@ -316,7 +288,6 @@ class Variant:
     check_layers: Optional[tuple[int, ...]] = None
     check_ratios: Optional[tuple[float, ...]] = None
     selection_signal: Optional[str] = None
-    selector: Optional[str] = None
 
     @property
     def engine_key(self) -> str:
@@ -327,7 +298,7 @@ class Variant:
     def spec(self, ratio: float) -> ModeSpec:
         r = self.check_ratios[-1] if self.check_ratios else ratio
         return ModeSpec(f"variant:{self.name}", "cacheblend", r, self.check_layers, self.check_ratios,
-                        self.selection_signal, self.engine_key, self.selector)
+                        self.selection_signal, self.engine_key)
 
 
 VARIANT_HELP = ("default | headN (recompute the first N tokens of every chunk) | prefix_ctx / sink_ctx (chunk KV "
@@ -361,7 +332,7 @@ def parse_variant(name: str, num_layers: int) -> Variant:
         sig = name.removesuffix("_signal")
         return Variant(name, f"HKVD selected by {sig} deviation", selection_signal=sig)
     if name == "random_sel":
-        return Variant(name, "control: the same number of chunk tokens, chosen at random", selector="random")
+        return Variant(name, "control: the same number of chunk tokens, chosen at random", selection_signal="random")
     if name.startswith("check") and name[5:].isdigit():
         layer = int(name[5:])
         if not 0 <= layer < num_layers:

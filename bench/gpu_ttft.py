@@ -23,8 +23,6 @@ well under 6 minutes on an H200 (`--budget-s` stops starting new context sizes p
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import math
 import platform
@@ -102,37 +100,11 @@ def random_state_dict(shape: dict, device: torch.device, dtype: torch.dtype, see
     return w
 
 
-def _fingerprint_any_device(config, weights: dict[str, torch.Tensor]) -> str:
-    """engine.model._fingerprint, with the value sample moved to the CPU first (it calls .numpy())."""
-    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-    for name in sorted(weights):
-        t = weights[name]
-        flat = t.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-@contextlib.contextmanager
-def _device_safe_fingerprint():
-    import engine.model as em
-
-    original = em._fingerprint
-    em._fingerprint = _fingerprint_any_device
-    try:
-        yield
-    finally:
-        em._fingerprint = original
-
-
 def build_model(shape: dict, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int):
     from engine.model import Transformer
 
     weights = random_state_dict(shape, device, dtype, seed)
-    with _device_safe_fingerprint():
-        model = Transformer(hf_config(shape, max_positions), weights, device, dtype)
+    model = Transformer(hf_config(shape, max_positions), weights, device, dtype)
     del weights
     return model
 

@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed after the (last) check layer")
     check_layers: IntList = Field(default_factory=lambda: [1], description="Layers where HKVD tokens are selected (comma list)")
     check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: recompute_ratio at each)")
-    selection_signal: Literal["value", "key"] = Field("value", description="Deviation used to pick HKVD tokens")
-    chunk_context: Literal["sink", "prefix"] = Field("sink", description="Precompute convention: a sink token, or the default prompt prefix, in front of each chunk")
+    selection_signal: Literal["value", "key", "random"] = Field("value", description="Deviation used to pick HKVD tokens (random: a control for research)")
+    chunk_context: Literal["sink", "prefix"] = Field("prefix", description="Precompute convention: the default prompt prefix (measured best), or a sink token, in front of each chunk")
     recompute_chunk_head: int = Field(0, ge=0, description="Always recompute the first N tokens of every chunk (their own attention sink)")
     prefix_cache_bytes: int = Field(512 << 20, ge=0, description="Bytes of exact leading-segment KV kept for prefix reuse")
 

@@ -35,7 +35,7 @@ ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer
 class BlendSpec:
     check_layers: list[int] = field(default_factory=list)  # empty: no selection (full_reuse)
     ratios: list[float] = field(default_factory=list)
-    signal: str = "value"                                  # "value" | "key"
+    signal: str = "value"                                  # "value" | "key" | "random"
 
 
 @dataclass
@@ -158,9 +158,12 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
         if layer in check:
             t0 = time.perf_counter()
             is_cand = is_cached[active]                     # [S] active chunk tokens
-            fresh = (v if spec.signal == "value" else k)[:, is_cand]
             cand_pos = active[is_cand]
-            deviation = kv_deviation(fresh, (V if spec.signal == "value" else K)[:, cand_pos])
+            if spec.signal == "random":  # control: as many tokens, chosen without looking at the KV
+                deviation = torch.rand(cand_pos.numel(), generator=torch.Generator().manual_seed(N + layer)).to(dev)
+            else:
+                fresh = (v if spec.signal == "value" else k)[:, is_cand]
+                deviation = kv_deviation(fresh, (V if spec.signal == "value" else K)[:, cand_pos])
             keep = select_hkvd(deviation, num_selected(check[layer], n_chunk))
             keep_mask = ~is_cand
             keep_mask[is_cand.nonzero().squeeze(1)[keep]] = True

@@ -185,15 +185,19 @@ class LLMEngine:
         if len(ratios) != len(layers) or any(not 0 <= r <= 1 for r in ratios) or any(b > a for a, b in zip(ratios, ratios[1:])):
             raise RequestError("ratios must be in [0, 1], one per check layer, non-increasing", "cacheblend.recompute_ratio")
         signal = blend.selection_signal or s.selection_signal
-        if signal not in ("value", "key"):
-            raise RequestError("selection_signal must be 'value' or 'key'", "cacheblend.selection_signal")
+        if signal not in ("value", "key", "random"):
+            raise RequestError("selection_signal must be 'value', 'key' or 'random'", "cacheblend.selection_signal")
         return mode, BlendSpec(list(layers), list(ratios), signal)
 
-    def prefill(self, segments: list[Segment], blend: BlendParams = BlendParams(), capacity: int = 0) -> Prefilled:
-        """Fused KV cache and last-token logits for the prompt, in the requested mode."""
-        return run_to_end(self.prefill_steps(segments, blend, capacity))
+    def prefill(self, segments: list[Segment], blend: BlendParams = BlendParams(), capacity: int = 0, remember: bool = True) -> Prefilled:
+        """Fused KV cache and last-token logits for the prompt, in the requested mode.
 
-    def prefill_steps(self, segments: list[Segment], blend: BlendParams, capacity: int) -> Generator[None, None, Prefilled]:
+        `remember`: put the exact leading segments into the prefix cache now (serving does it
+        after the first token instead, so the copy is not part of TTFT).
+        """
+        return run_to_end(self.prefill_steps(segments, blend, capacity, remember))
+
+    def prefill_steps(self, segments: list[Segment], blend: BlendParams, capacity: int, remember: bool = True) -> Generator[None, None, Prefilled]:
         """`prefill`, yielding after every layer."""
         mode, spec = self.blend_spec(blend)
         ids = token_ids(segments)
@@ -256,10 +260,11 @@ class LLMEngine:
             "kv_load_s": loader.total_load_seconds if loader else 0.0,
             "kv_wait_s": result.stats.kv_wait_s,
         }
-        self._remember_prefix(segments, mode, cache)
+        if remember:
+            self.remember_prefix(segments, mode, cache)
         return Prefilled(result, mode, spec.ratios[-1] if spec.ratios else None, tiers, len(computed), load)
 
-    def _remember_prefix(self, segments: list[Segment], mode: str, cache: KVCache) -> None:
+    def remember_prefix(self, segments: list[Segment], mode: str, cache: KVCache) -> None:
         """Keep the exact leading segments for later requests (full_prefill is the no-reuse baseline)."""
         if mode == "full_prefill":
             return
@@ -335,7 +340,7 @@ class LLMEngine:
         req = seq.request
         t_start = time.perf_counter()
         try:
-            pre = self.prefill(req.segments, req.blend, req.num_prompt_tokens + req.sampling.max_tokens)
+            pre = self.prefill(req.segments, req.blend, req.num_prompt_tokens + req.sampling.max_tokens, remember=False)
         except Exception as e:  # a bad request must never take the engine down
             log.exception("prefill failed for %s", req.request_id)
             seq.stats = {"status": "error"}
@@ -347,6 +352,7 @@ class LLMEngine:
         token = seq.sampler(pre.result.logits)
         now = time.perf_counter()
         seq.first_token_time = seq.last_token_time = now
+        self.remember_prefix(req.segments, pre.mode, pre.result.cache)
         st = pre.result.stats
         seq.stats = {
             "mode": pre.mode,

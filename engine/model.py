@@ -172,11 +172,13 @@ def _fingerprint(hf_config, weights: dict[str, torch.Tensor]) -> str:
     Hashes the config and, per tensor, its name, shape and a strided sample of its values
     (hashing all bytes of a 7B model would add seconds to every start).
     """
-    h = hashlib.sha256(json.dumps(hf_config.to_dict(), sort_keys=True, default=str).encode())
+    # where the model was loaded from and which library wrote it say nothing about its KV
+    config = {k: v for k, v in hf_config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name in sorted(weights):
         t = weights[name]
         flat = t.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().contiguous()
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().contiguous()
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(sample.numpy().tobytes())

@@ -8,7 +8,7 @@ Completions: optional prefix, the chunks, then the prompt.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 from engine.segments import Segment, tokenize
 

@@ -60,3 +60,14 @@ def test_ratio_one_matches_full_prefill(kind, scaling):
     L = model.cfg.num_layers
     assert torch.allclose(blended.cache.k[:, :, : ids.numel()], reference.cache.k[:, :, : ids.numel()], atol=1e-5)
     assert blended.stats.computed_per_layer == [ids.numel()] * L
+
+
+def test_fingerprint_follows_the_weights_not_the_load_path():
+    hf = tiny_hf_model("llama")
+    cpu = torch.device("cpu")
+    first = Transformer.from_hf_model(hf, cpu, torch.float32).fingerprint
+    hf.config._name_or_path = "/models/elsewhere"  # another node, another folder: same KV
+    assert Transformer.from_hf_model(hf, cpu, torch.float32).fingerprint == first
+    with torch.no_grad():
+        hf.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0  # other weights: KV must never be shared
+    assert Transformer.from_hf_model(hf, cpu, torch.float32).fingerprint != first

@@ -130,7 +130,7 @@ def test_parse_variants():
     assert by["key_signal"].spec(0.15).selection_signal == "key"
     assert by["check2"].spec(0.2).check_layers == (2,) and by["check2"].spec(0.2).ratio == 0.2
     assert by["default"].engine_key == "default" and by["head4"].engine_key != "default"
-    assert by["random_sel"].spec(0.15).selector == "random"
+    assert by["random_sel"].spec(0.15).selection_signal == "random"
     with pytest.raises(ValueError, match="unknown variant"):
         ev.parse_variant("bogus", 30)
     with pytest.raises(ValueError):
