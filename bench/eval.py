@@ -155,15 +155,6 @@ class Harness:
 # --- measuring ----------------------------------------------------------------------------
 
 
-def warm_prefix(engine: LLMEngine, segments: list[Segment]) -> None:
-    """Put only the prompt's prefix segment into the (cleared) prefix cache, untimed."""
-    engine.prefix_cache.clear()
-    if segments[0].kind != "prefix":
-        return
-    probe = [segments[0], Segment("suffix", segments[-1].token_ids[-1:])]
-    engine.prefill(probe, BlendParams(mode="prefix_cache"))
-
-
 def ensure_chunks(engine: LLMEngine, segments: Iterable[Segment]) -> None:
     for seg in segments:
         if seg.kind == "chunk":
@@ -186,7 +177,7 @@ def measure(engine: LLMEngine, segments: list[Segment], spec: ModeSpec, max_new_
     """
     engine.prefix_cache.clear()
     if spec.mode == "prefix_cache" or (warm and spec.mode != "full_prefill"):
-        warm_prefix(engine, segments)
+        engine.warm_prefix(segments)
     N = sum(len(s) for s in segments)
     if N + max_new_tokens > engine.max_model_len:
         raise ValueError(f"prompt of {N} tokens + {max_new_tokens} new tokens exceeds max_model_len {engine.max_model_len}")

@@ -60,18 +60,10 @@ def bench_engine(args: argparse.Namespace, **overrides) -> LLMEngine:
     return LLMEngine(load_settings(args, chat_preamble=PREFIX, **overrides))
 
 
-def warm_prefix(engine: LLMEngine, segments: list[Segment]) -> None:
-    """Put the prompt's prefix segment (only) into the prefix cache."""
-    engine.prefix_cache.clear()
-    probe = [segments[0], Segment("suffix", segments[-1].token_ids[-1:])]
-    engine.prefill(probe, BlendParams(mode="prefix_cache"))
-
-
 def measure(engine: LLMEngine, segments: list[Segment], mode: str, ratio: float) -> dict:
-    if mode == "full_prefill":
-        engine.prefix_cache.clear()
-    else:
-        warm_prefix(engine, segments)
+    engine.prefix_cache.clear()
+    if mode != "full_prefill":
+        engine.warm_prefix(segments)
     req = Request(f"bench-{mode}", segments, SamplingParams(max_tokens=1, temperature=0), BlendParams(mode=mode, recompute_ratio=ratio if mode == "cacheblend" else None))
     return engine.generate([req])[req.request_id]["stats"]
 
