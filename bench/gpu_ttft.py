@@ -326,15 +326,3 @@ def to_markdown(rows: list[dict], cases: list[Case], info: dict) -> str:
     if info["skipped_contexts"]:
         lines.append(f"skipped (time budget): {info['skipped_contexts']}")
     return "\n".join(lines) + "\n"
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m bench.gpu_ttft ...` (same flags as `cacheblend bench gpu`)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_ttft")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["gpu", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

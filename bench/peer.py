@@ -301,15 +301,9 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m bench.peer ...` (same flags as `cacheblend bench peer`)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.peer")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["peer", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        sys.exit(worker_main(sys.argv[2:]))
-    sys.exit(main())
+    # executed directly only by the vLLM venv's python, as the worker side of the benchmark
+    if sys.argv[1:2] != ["--worker"]:
+        sys.exit("run `cacheblend bench peer`; this file runs directly only as its vLLM worker (--worker)")
+    sys.exit(worker_main(sys.argv[2:]))

@@ -90,15 +90,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         harness.close()
     return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m bench.tune ...` (same flags as `cacheblend tune`)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.tune")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["tune", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

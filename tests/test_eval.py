@@ -12,6 +12,7 @@ import torch
 
 from bench import eval as ev
 from bench import tune
+from cacheblend.cli import main as cli_main
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "musique_s.json"
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason="../shared/data/musique_s.json not present")
@@ -35,7 +36,7 @@ def assert_png(path: Path) -> None:
 @needs_data
 def test_eval_end_to_end(tmp_path, capsys):
     out, plots = tmp_path / "eval.json", tmp_path / "plots"
-    rc = ev.main(SMALL + ["--ratios", "0.15,1.0", "--variants", "default,head2,prefix_ctx,random_sel", "--context-points", "1,2",
+    rc = cli_main(["eval"] + SMALL + ["--ratios", "0.15,1.0", "--variants", "default,head2,prefix_ctx,random_sel", "--context-points", "1,2",
                           "--context-questions", "1", "--json", str(out), "--plots", str(plots)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -86,7 +87,7 @@ def test_eval_end_to_end(tmp_path, capsys):
 @needs_data
 def test_tune_picks_a_ratio(tmp_path, capsys):
     out, plot = tmp_path / "tune.json", tmp_path / "tune.png"
-    rc = tune.main(SMALL[:3] + ["1"] + SMALL[4:] + ["--ratios", "0.1,1.0", "--tolerance", "1.0", "--json", str(out),
+    rc = cli_main(['tune'] + SMALL[:3] + ["1"] + SMALL[4:] + ["--ratios", "0.1,1.0", "--tolerance", "1.0", "--json", str(out),
                                                    "--plot", str(plot)])
     assert rc == 0
     res = json.loads(out.read_text())

@@ -7,11 +7,12 @@ import json
 import torch
 
 from bench import gpu_ttft
+from cacheblend.cli import main as cli_main
 
 
 def test_dry_run_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "gpu_ttft.md"
-    rc = gpu_ttft.main(["--dry-run", "--repeat", "2", "--warmup", "1", "--out", str(out)])
+    rc = cli_main(["bench", "gpu", "--dry-run", "--repeat", "2", "--warmup", "1", "--out", str(out)])
     assert rc == 0
     md = out.read_text()
     assert md.startswith("# TTFT, tiny 2-layer model (dry run)")
