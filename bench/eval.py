@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RATIOS = "0.05,0.1,0.15,0.2,0.3,1.0"
 SETTINGS_FLAGS = ["model", "device", "dtype", "data_dir", "max_model_len", "check_layers", "check_ratios",
-                  "selection_signal", "chunk_context", "recompute_chunk_head", "kv_storage_dtype"]
+                  "selection_signal", "sensitivity_pool", "chunk_context", "recompute_chunk_head", "kv_storage_dtype"]
 
 
 # --- what one measurement is --------------------------------------------------------------
@@ -294,16 +294,16 @@ class Variant:
 
 VARIANT_HELP = ("default | headN (recompute the first N tokens of every chunk) | prefix_ctx / sink_ctx (chunk KV "
                 "precomputed after the prompt prefix / a sink token) | gradual (check layers 1,8,16 at ratios "
-                ".2,.15,.1) | key_signal / value_signal | checkN (one check layer N) | random_sel (control: as many "
-                "tokens chosen at random instead of by deviation); 'all' = default,head4,prefix_ctx,gradual,key_signal,"
+                ".2,.15,.1) | key_signal / value_signal / sensitivity_signal | checkN (one check layer N) | random_sel (control: as many "
+                "tokens chosen at random instead of by deviation); 'all' = default,head4,prefix_ctx,gradual,value_signal,key_signal,"
                 "check0,check2,check3,random_sel")
-ALL_VARIANTS = "default,head4,prefix_ctx,gradual,key_signal,check0,check2,check3,random_sel"
+ALL_VARIANTS = "default,head4,prefix_ctx,gradual,value_signal,key_signal,check0,check2,check3,random_sel"
 
 
 def parse_variant(name: str, num_layers: int) -> Variant:
     name = name.strip()
     if name == "default":
-        return Variant(name, "settings as given (one check layer, value signal)")
+        return Variant(name, "settings as given")
     if name.startswith("head") and name[4:].isdigit():
         n = int(name[4:])
         return Variant(name, f"recompute the first {n} tokens of every chunk", {"recompute_chunk_head": n})
@@ -321,7 +321,10 @@ def parse_variant(name: str, num_layers: int) -> Variant:
                        check_layers=layers, check_ratios=ratios)
     if name in ("key_signal", "value_signal"):
         sig = name.removesuffix("_signal")
-        return Variant(name, f"HKVD selected by {sig} deviation", selection_signal=sig)
+        return Variant(name, f"HKVD selected by {sig} deviation alone", selection_signal=sig)
+    if name == "sensitivity_signal":
+        return Variant(name, "HKVD: the most context-sensitive of the most value-deviating tokens",
+                       {"selection_signal": "sensitivity"}, selection_signal="sensitivity")
     if name == "random_sel":
         return Variant(name, "control: the same number of chunk tokens, chosen at random", selection_signal="random")
     if name.startswith("check") and name[5:].isdigit():

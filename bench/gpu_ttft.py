@@ -135,6 +135,10 @@ class StubTokenizer:
     def convert_tokens_to_ids(self, token: str) -> int:
         return self.unk_token_id
 
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Byte-level IDs past the specials, inside even the tiny dry-run vocab (the probe passage)."""
+        return [3 + b % 250 for b in text.encode()]
+
 
 # --- measurement --------------------------------------------------------------------------------
 

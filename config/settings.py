@@ -8,7 +8,7 @@ CLI flags (`--<name-in-kebab-case>`). The same name is used everywhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 import json
 
@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Mode = Literal["full_prefill", "prefix_cache", "full_reuse", "cacheblend"]
 MODES: tuple[str, ...] = ("full_prefill", "prefix_cache", "full_reuse", "cacheblend")
+SelectionSignal = Literal["sensitivity", "value", "key", "random"]
+SELECTION_SIGNALS: tuple[str, ...] = get_args(SelectionSignal)
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "cacheblend"
 
@@ -51,7 +53,8 @@ class Settings(BaseSettings):
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed after the (last) check layer")
     check_layers: IntList = Field(default_factory=lambda: [1], description="Layers where HKVD tokens are selected (comma list)")
     check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: recompute_ratio at each)")
-    selection_signal: Literal["value", "key", "random"] = Field("value", description="Deviation used to pick HKVD tokens (random: a control for research)")
+    selection_signal: SelectionSignal = Field("sensitivity", description="How HKVD tokens are picked: sensitivity (of the most value-deviating tokens, those whose KV the precompute found most context-sensitive; measured best), value or key deviation alone (random: a control for research)")
+    sensitivity_pool: float = Field(0.5, gt=0.0, le=1.0, description="sensitivity signal: share of chunk tokens pre-selected by value deviation at the first check layer")
     chunk_context: Literal["sink", "prefix"] = Field("prefix", description="Precompute convention: the default prompt prefix (measured best), or a sink token, in front of each chunk")
     recompute_chunk_head: int = Field(0, ge=0, description="Always recompute the first N tokens of every chunk (their own attention sink)")
     prefix_cache_bytes: int = Field(512 << 20, ge=0, description="Bytes of exact leading-segment KV kept for prefix reuse")

@@ -10,7 +10,9 @@ The modes differ only in which tokens are computed at each layer:
 - full_reuse: forced tokens only, every layer; cached tokens use their chunk KV as is;
 - cacheblend: all non-exact tokens up to and including the first check layer; at each check
   layer the HKVD tokens among the still-computed chunk tokens are kept (`ceil(r * n)` of the
-  n chunk tokens) and the rest stop; later layers compute only forced + kept tokens.
+  n chunk tokens) and the rest stop; later layers compute only forced + kept tokens. With the
+  "sensitivity" signal the first check layer keeps, of its `pool` most deviating tokens, those
+  whose KV the chunk's precompute found most context-sensitive.
 Computed tokens write fresh K, V into the fused cache; every query attends over the whole fused
 cache with an exact causal mask by position.
 """
@@ -25,7 +27,7 @@ import torch
 
 from engine.attention import CausalPlan, causal_attention
 from engine.model import Transformer
-from engine.selection import kv_deviation, num_selected, select_hkvd
+from engine.selection import kv_deviation, num_selected, select_hkvd, select_pooled
 
 T = TypeVar("T")
 ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
@@ -35,7 +37,8 @@ ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer
 class BlendSpec:
     check_layers: list[int] = field(default_factory=list)  # empty: no selection (full_reuse)
     ratios: list[float] = field(default_factory=list)
-    signal: str = "value"                                  # "value" | "key" | "random"
+    signal: str = "value"                                  # "value" | "key" | "sensitivity" | "random"
+    pool: float = 0.5                                      # "sensitivity": share pre-selected by value deviation
 
 
 @dataclass
@@ -60,6 +63,7 @@ class PrefillInput:
     exact_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # ([L, Hkv, exact_len, D] post-RoPE, same for V)
     chunk_spans: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of cached chunk tokens
     chunk_layer: Optional[ChunkLayerFn] = None    # per-layer chunk KV in span order
+    chunk_sensitivity: Optional[Callable[[], list[Optional[torch.Tensor]]]] = None  # per span [e - s], or None
     collect_pre_rope: bool = False                # also return every token's pre-RoPE K (chunk precompute)
 
 
@@ -159,12 +163,17 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
             t0 = time.perf_counter()
             is_cand = is_cached[active]                     # [S] active chunk tokens
             cand_pos = active[is_cand]
+            num_keep = num_selected(check[layer], n_chunk)
             if spec.signal == "random":  # control: as many tokens, chosen without looking at the KV
                 deviation = torch.rand(cand_pos.numel(), generator=torch.Generator().manual_seed(N + layer)).to(dev)
             else:
-                fresh = (v if spec.signal == "value" else k)[:, is_cand]
-                deviation = kv_deviation(fresh, (V if spec.signal == "value" else K)[:, cand_pos])
-            keep = select_hkvd(deviation, num_selected(check[layer], n_chunk))
+                fresh = (k if spec.signal == "key" else v)[:, is_cand]
+                deviation = kv_deviation(fresh, (K if spec.signal == "key" else V)[:, cand_pos])
+            sensitivity = span_sensitivity(inp, N, dev) if spec.signal == "sensitivity" and layer == first_check else None
+            if sensitivity is not None:
+                keep = select_pooled(deviation, sensitivity[cand_pos], num_keep, num_selected(spec.pool, n_chunk))
+            else:
+                keep = select_hkvd(deviation, num_keep)
             keep_mask = ~is_cand
             keep_mask[is_cand.nonzero().squeeze(1)[keep]] = True
             stats.selected[layer] = cand_pos[keep].tolist()
@@ -192,3 +201,15 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
     cache.length = N
     stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s
     return PrefillResult(cache, logits, stats, pre_rope)
+
+
+def span_sensitivity(inp: PrefillInput, N: int, dev: torch.device) -> Optional[torch.Tensor]:
+    """[N] sensitivity of every prompt position (0 outside chunks); None unless every chunk has one
+    (chunks stored without it fall back to plain value deviation)."""
+    per_span = inp.chunk_sensitivity() if inp.chunk_sensitivity is not None else []
+    if len(per_span) != len(inp.chunk_spans) or any(s is None for s in per_span):
+        return None
+    out = torch.zeros(N, dtype=torch.float32, device=dev)
+    for (s, e), sens in zip(inp.chunk_spans, per_span):
+        out[s:e] = sens.to(dev)
+    return out

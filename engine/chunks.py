@@ -8,6 +8,11 @@ served):
 - "prefix": the default prompt prefix (chat template head) in front instead. A chunk that
   follows that prefix in a request then has exactly the KV a full prefill would give it.
 K is stored before RoPE, so it is placed at any position by rotating it there.
+
+With a probe (the "sensitivity" selection signal) the chunk is run a second time with a fixed
+probe passage between its context and itself, and each token's context sensitivity (how far its
+mid-layer V moves, see engine/selection.py) is stored with the KV. It costs a second forward of
+the chunk at precompute, nothing at request time.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ import torch
 
 from engine.blend import BlendSpec, KVCache, PrefillInput, blend_prefill
 from engine.model import Transformer
+from engine.selection import context_sensitivity, sensitivity_layers
 from kvstore.base import ChunkKV
 from kvstore.keys import chunk_key
 
 CONVENTION_VERSION = "v1"
+
+# Any neutral passage works: it only has to put other text in front of the chunk.
+PROBE_TEXT = ("The river rises in the northern hills and flows south through farmland for about two "
+              "hundred kilometres. Several small towns grew up along its banks in the nineteenth "
+              "century, when mills and a railway line brought work to the valley. Today the area is "
+              "known for its orchards, a museum of local history and a yearly music festival.\n\n")
 
 
 @dataclass(frozen=True)
@@ -30,11 +42,12 @@ class Precompute:
     """How chunk KV is made for one model: the context tokens put in front of every chunk."""
     name: str                   # "sink" | "prefix"
     context: tuple[int, ...]    # token IDs computed before the chunk and dropped
+    probe: tuple[int, ...] = () # probe passage token IDs; empty: no sensitivity is measured
 
     @property
     def tag(self) -> str:
-        digest = hashlib.sha256(repr(self.context).encode()).hexdigest()[:16]
-        return f"{self.name}-{CONVENTION_VERSION}-{digest}"
+        digest = hashlib.sha256(repr((self.context, self.probe) if self.probe else self.context).encode()).hexdigest()[:16]
+        return f"{self.name}{'+sens' if self.probe else ''}-{CONVENTION_VERSION}-{digest}"
 
 
 def sink_token_id(tokenizer) -> int:
@@ -51,12 +64,21 @@ def key_for(model: Transformer, pre: Precompute, token_ids: tuple[int, ...], kv_
 
 
 def precompute_chunk(model: Transformer, pre: Precompute, token_ids: tuple[int, ...]) -> ChunkKV:
-    """Run the chunk after its context tokens; return its layers' pre-RoPE K and V."""
+    """Run the chunk after its context tokens; return its layers' pre-RoPE K and V (and its
+    token sensitivity when `pre` has a probe)."""
+    result, cache = _run_after(model, pre.context, token_ids, collect_pre_rope=True)
     ctx = len(pre.context)
-    ids = torch.tensor(pre.context + tuple(token_ids), device=model.device)
-    cache = KVCache.allocate(model, ids.numel())
-    forced = torch.ones(ids.numel(), dtype=torch.bool, device=model.device)
-    result = blend_prefill(model, PrefillInput(ids, forced, collect_pre_rope=True), BlendSpec(), cache)
     keys = result.pre_rope_k[:, :, ctx:].clone()   # [L, Hkv, T, D]
     values = cache.v[:, :, ctx:].clone()            # [L, Hkv, T, D]
-    return ChunkKV(keys, values, 0, "computed")
+    sensitivity = None
+    if pre.probe and token_ids:
+        _, probed = _run_after(model, pre.context + pre.probe, token_ids)
+        sensitivity = context_sensitivity(values, probed.v[:, :, ctx + len(pre.probe):], sensitivity_layers(model.cfg.num_layers))
+    return ChunkKV(keys, values, 0, "computed", sensitivity)
+
+
+def _run_after(model: Transformer, context: tuple[int, ...], token_ids: tuple[int, ...], collect_pre_rope: bool = False):
+    ids = torch.tensor(context + tuple(token_ids), device=model.device)
+    cache = KVCache.allocate(model, ids.numel())
+    forced = torch.ones(ids.numel(), dtype=torch.bool, device=model.device)
+    return blend_prefill(model, PrefillInput(ids, forced, collect_pre_rope=collect_pre_rope), BlendSpec(), cache), cache

@@ -17,9 +17,9 @@ from typing import Callable, Generator, Optional
 
 import torch
 
-from config.settings import MODES, Settings
+from config.settings import MODES, SELECTION_SIGNALS, Settings
 from engine.blend import BlendSpec, KVCache, PrefillInput, PrefillResult, blend_prefill_steps, run_to_end
-from engine.chunks import Precompute, key_for, precompute_chunk, sink_token_id
+from engine.chunks import PROBE_TEXT, Precompute, key_for, precompute_chunk, sink_token_id
 from engine.decode import decode_step
 from engine.detok import Detokenizer
 from engine.loader import EMBEDDED_ALIASES, EMBEDDED_NAME, resolve_model_dir
@@ -117,10 +117,12 @@ class LLMEngine:
         limits = [settings.max_model_len, cfg.max_position_embeddings] + ([cfg.sliding_window] if cfg.sliding_window else [])
         self.max_model_len = min(limits)  # sliding-window attention is not implemented: stay inside the window
         self.eos_ids = _eos_ids(model, tokenizer)
+        # the probe (a second precompute pass) only when the server's signal reads its result
+        probe = tuple(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) if settings.selection_signal == "sensitivity" else ()
         if settings.chunk_context == "sink":
-            self.precompute = Precompute("sink", (sink_token_id(tokenizer),))
+            self.precompute = Precompute("sink", (sink_token_id(tokenizer),), probe)
         else:
-            self.precompute = Precompute("prefix", default_prefix_ids(tokenizer, settings.chat_preamble))
+            self.precompute = Precompute("prefix", default_prefix_ids(tokenizer, settings.chat_preamble), probe)
         self.kv_dtype = str(model.dtype).removeprefix("torch.")
         self.store: ChunkStore = store if store is not None else build_store(settings, model.device)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes)
@@ -185,9 +187,9 @@ class LLMEngine:
         if len(ratios) != len(layers) or any(not 0 <= r <= 1 for r in ratios) or any(b > a for a, b in zip(ratios, ratios[1:])):
             raise RequestError("ratios must be in [0, 1], one per check layer, non-increasing", "cacheblend.recompute_ratio")
         signal = blend.selection_signal or s.selection_signal
-        if signal not in ("value", "key", "random"):
-            raise RequestError("selection_signal must be 'value', 'key' or 'random'", "cacheblend.selection_signal")
-        return mode, BlendSpec(list(layers), list(ratios), signal)
+        if signal not in SELECTION_SIGNALS:
+            raise RequestError(f"selection_signal must be one of {', '.join(SELECTION_SIGNALS)}", "cacheblend.selection_signal")
+        return mode, BlendSpec(list(layers), list(ratios), signal, s.sensitivity_pool)
 
     def prefill(self, segments: list[Segment], blend: BlendParams = BlendParams(), capacity: int = 0, remember: bool = True) -> Prefilled:
         """Fused KV cache and last-token logits for the prompt, in the requested mode.
@@ -236,7 +238,8 @@ class LLMEngine:
         keys = [seg.chunk_key for seg, _ in chunks]
         loader = LayerPrefetcher(self.store, keys, self.model.cfg.num_layers) if chunks else None
         try:
-            inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, loader.layer if loader else None)
+            inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, loader.layer if loader else None,
+                               chunk_sensitivity=loader.sensitivity if loader else None)
             result = yield from blend_prefill_steps(self.model, inp, spec, cache)
         except ChunkMissing as e:
             # evicted or found corrupt mid-stream: recompute from its tokens and use it from memory
@@ -246,7 +249,8 @@ class LLMEngine:
             computed |= {e.key}
             loader = None
             inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_,
-                               lambda layer: [(kv.keys[layer], kv.values[layer]) for kv in kvs])
+                               lambda layer: [(kv.keys[layer], kv.values[layer]) for kv in kvs],
+                               chunk_sensitivity=lambda: [kv.sensitivity for kv in kvs])
             result = yield from blend_prefill_steps(self.model, inp, spec, cache)
         finally:
             if loader is not None:

@@ -22,3 +22,36 @@ def select_hkvd(deviation: torch.Tensor, k: int) -> torch.Tensor:
     if k >= deviation.numel():
         return torch.arange(deviation.numel(), device=deviation.device)
     return torch.topk(deviation, k, sorted=False).indices.sort().values
+
+
+def select_pooled(deviation: torch.Tensor, sensitivity: torch.Tensor, k: int, pool: int) -> torch.Tensor:
+    """The k most context-sensitive of the `pool` tokens that deviate most at the check layer.
+
+    deviation, sensitivity: [M] -> indices [k], ascending. The check-layer deviation is exact but
+    early; the sensitivity (measured offline at mid layers) says which deviations will grow.
+    """
+    pool = max(k, min(pool, deviation.numel()))
+    if k >= deviation.numel():
+        return torch.arange(deviation.numel(), device=deviation.device)
+    candidates = torch.topk(deviation, pool, sorted=False).indices        # [pool]
+    best = torch.topk(sensitivity[candidates], k, sorted=False).indices  # [k] into candidates
+    return candidates[best].sort().values
+
+
+def sensitivity_layers(num_layers: int) -> range:
+    """Where a chunk's sensitivity is measured: the layers about 1/6 to 3/10 deep (5..8 of 30),
+    where the tokens whose KV moves most with the context matter most to the output."""
+    start = max(1, num_layers // 6) if num_layers > 1 else 0
+    return range(start, max(start + 1, 3 * num_layers // 10))
+
+
+def context_sensitivity(values: torch.Tensor, probed: torch.Tensor, layers: range) -> torch.Tensor:
+    """How far each token's V moves when other text is put in front of its chunk.
+
+    values: [L, Hkv, T, D] under the usual context; probed: the same tokens after a probe passage
+    -> [T] float32: per layer the squared distance relative to that layer's mean V energy, summed.
+    """
+    v, p = values[layers.start:layers.stop].float(), probed[layers.start:layers.stop].float()
+    moved = (v - p).pow(2).sum(dim=(1, 3))                 # [l, T]
+    energy = v.pow(2).sum(dim=(1, 3)).mean(dim=1, keepdim=True).clamp_min(1e-12)  # [l, 1]
+    return (moved / energy).sum(dim=0)

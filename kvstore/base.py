@@ -18,6 +18,7 @@ class ChunkKV:
     values: torch.Tensor  # [L, Hkv, T, D]
     first_layer: int = 0  # layer index of keys[0] (a layer-range read starts past 0)
     tier: str = ""        # where a read found it ("device", "cpu", "disk", "redis", "s3", "computed")
+    sensitivity: Optional[torch.Tensor] = None  # [T] float32: how much each token's KV moves with its context
 
     @property
     def num_layers(self) -> int:
@@ -29,7 +30,7 @@ class ChunkKV:
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.keys.nbytes + self.values.nbytes + (0 if self.sensitivity is None else self.sensitivity.nbytes)
 
 
 class ChunkStore(Protocol):

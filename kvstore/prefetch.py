@@ -50,6 +50,7 @@ class LayerPrefetcher:
         self.load_seconds = [0.0] * num_layers
         self.wait_seconds = [0.0] * num_layers
         self.tiers: dict[str, str] = {}  # key -> tier its first layer came from
+        self._sensitivity: list[Optional[torch.Tensor]] = []  # per key, from the first fetch
         self._store = store
         self._layers: list[Optional[LayerKV]] = [None] * num_layers
         self._error: Optional[ChunkMissing] = None
@@ -92,6 +93,8 @@ class LayerPrefetcher:
                 self._stream.synchronize()  # copies done: the time is real and the consumer needn't wait
             per_layer = (time.perf_counter() - t0) / (stop - start)
             with self._cond:
+                if start == 0:
+                    self._sensitivity = [kv.sensitivity for kv in got]
                 for l in range(start, stop):
                     # kv.keys: [stop - start, Hkv, T, D]
                     self._layers[l] = [(kv.keys[l - start], kv.values[l - start]) for kv in got]
@@ -103,6 +106,11 @@ class LayerPrefetcher:
             self._error = ChunkMissing(key)
             self._error_layer = layer
             self._cond.notify_all()
+
+    def sensitivity(self) -> list[Optional[torch.Tensor]]:
+        """Per key, its token sensitivity [T] (None where the chunk has none); blocks until layer 0 is loaded."""
+        self.layer(0)
+        return self._sensitivity
 
     def layer(self, l: int) -> LayerKV:
         """(k, v) of layer `l` for every key, in key order; blocks until loaded.

@@ -56,6 +56,7 @@ class StoredChunk:
     v_scale: Optional[torch.Tensor] = None  # [L] float32, fp8 only
     first_layer: int = 0                    # layer index of keys[0]
     total_layers: int = 0                   # layers of the whole chunk
+    sensitivity: Optional[torch.Tensor] = None  # [T] float32, kept with every layer range
 
     @property
     def num_layers(self) -> int:
@@ -70,6 +71,8 @@ class StoredChunk:
         n = self.keys.nbytes + self.values.nbytes
         if self.k_scale is not None and self.v_scale is not None:
             n += self.k_scale.nbytes + self.v_scale.nbytes
+        if self.sensitivity is not None:
+            n += self.sensitivity.nbytes
         return n
 
     @property
@@ -85,7 +88,7 @@ class StoredChunk:
             self.keys[a:b], self.values[a:b], self.dtype,
             None if self.k_scale is None else self.k_scale[a:b],
             None if self.v_scale is None else self.v_scale[a:b],
-            layers.start, self.total_layers,
+            layers.start, self.total_layers, self.sensitivity,
         )
 
     def to(self, device: torch.device, pin_memory: bool = False) -> "StoredChunk":
@@ -99,8 +102,9 @@ class StoredChunk:
 
         k_scale = None if self.k_scale is None else move(self.k_scale)
         v_scale = None if self.v_scale is None else move(self.v_scale)
+        sensitivity = None if self.sensitivity is None else move(self.sensitivity)
         return StoredChunk(move(self.keys), move(self.values), self.dtype, k_scale, v_scale,
-                           self.first_layer, self.total_layers)
+                           self.first_layer, self.total_layers, sensitivity)
 
 
 def _amax_scale(x: torch.Tensor) -> torch.Tensor:
@@ -126,18 +130,23 @@ def encode(kv: ChunkKV, storage_dtype: str) -> StoredChunk:
     if kv.keys.dtype not in COMPUTE_DTYPES.values():
         raise ValueError(f"unsupported compute dtype {kv.keys.dtype}")
     target = STORAGE_DTYPES[storage_dtype]
-    L = kv.keys.shape[0]
+    L, T = kv.keys.shape[0], kv.keys.shape[2]
+    sensitivity = None
+    if kv.sensitivity is not None:
+        if tuple(kv.sensitivity.shape) != (T,):
+            raise ValueError(f"sensitivity {tuple(kv.sensitivity.shape)} must be [T] = [{T}]")
+        sensitivity = kv.sensitivity.to(dtype=torch.float32, copy=True)
     if target == torch.float8_e4m3fn:
         ks, vs = _amax_scale(kv.keys), _amax_scale(kv.values)
         return StoredChunk(_quantize_fp8(kv.keys, ks).contiguous(), _quantize_fp8(kv.values, vs).contiguous(),
-                           kv.keys.dtype, ks, vs, 0, L)
+                           kv.keys.dtype, ks, vs, 0, L, sensitivity)
 
     def cast(x: torch.Tensor) -> torch.Tensor:
         if target == torch.float16 and x.dtype != torch.float16:
             x = x.clamp(-_FP16_MAX, _FP16_MAX)  # keep out-of-range values finite
         return x.to(dtype=target, memory_format=torch.contiguous_format, copy=True)
 
-    return StoredChunk(cast(kv.keys), cast(kv.values), kv.keys.dtype, None, None, 0, L)
+    return StoredChunk(cast(kv.keys), cast(kv.values), kv.keys.dtype, None, None, 0, L, sensitivity)
 
 
 def decode(chunk: StoredChunk, device: torch.device, tier: str) -> ChunkKV:
@@ -157,4 +166,6 @@ def decode(chunk: StoredChunk, device: torch.device, tier: str) -> ChunkKV:
             y = y.to(chunk.dtype)
         return y.clone() if y.data_ptr() == x.data_ptr() else y
 
-    return ChunkKV(restore(chunk.keys, chunk.k_scale), restore(chunk.values, chunk.v_scale), chunk.first_layer, tier)
+    sensitivity = None if chunk.sensitivity is None else chunk.sensitivity.to(device, copy=True)
+    return ChunkKV(restore(chunk.keys, chunk.k_scale), restore(chunk.values, chunk.v_scale), chunk.first_layer, tier,
+                   sensitivity)

@@ -1,7 +1,8 @@
 """The on-disk and remote form of a chunk: a safetensors file, never pickle.
 
 Layout: one tensor per layer, `k.{l}` and `v.{l}` of shape [Hkv, T, D] in the storage dtype,
-plus `k_scale` / `v_scale` of shape [L] float32 for fp8. Readers of a layer range touch only
+plus `k_scale` / `v_scale` of shape [L] float32 for fp8, and `sensitivity` of shape [T]
+float32 when the chunk was precomputed with one (see engine/chunks.py). Readers of a layer range touch only
 those tensors (the file is opened lazily with `safe_open`).
 
 Header (`__metadata__`, all strings):
@@ -54,6 +55,8 @@ def _tensors(chunk: StoredChunk) -> dict[str, torch.Tensor]:
     if chunk.k_scale is not None and chunk.v_scale is not None:
         out["k_scale"] = chunk.k_scale.cpu()  # [L]
         out["v_scale"] = chunk.v_scale.cpu()
+    if chunk.sensitivity is not None:
+        out["sensitivity"] = chunk.sensitivity.cpu()  # [T]
     return out
 
 
@@ -128,6 +131,8 @@ def _decode(src: _Source, key: str, layers: Optional[range]) -> tuple[StoredChun
     fp8 = storage == torch.float8_e4m3fn
     checksums = json.loads(meta["checksums"])
     names = {f"{kv}.{l}" for l in range(L) for kv in "kv"} | ({"k_scale", "v_scale"} if fp8 else set())
+    has_sensitivity = "sensitivity" in checksums
+    names |= {"sensitivity"} if has_sensitivity else set()
     if set(src.keys()) != names or set(checksums) != names:
         raise CorruptBlob("tensor names disagree with the header")
 
@@ -155,8 +160,9 @@ def _decode(src: _Source, key: str, layers: Optional[range]) -> tuple[StoredChun
     if fp8:
         k_scale = read("k_scale", [L], torch.float32)[layers.start:layers.stop]
         v_scale = read("v_scale", [L], torch.float32)[layers.start:layers.stop]
+    sensitivity = read("sensitivity", [T], torch.float32) if has_sensitivity else None
     dtype = COMPUTE_DTYPES[meta["dtype"]]
-    return StoredChunk(keys, values, dtype, k_scale, v_scale, layers.start, L), nbytes
+    return StoredChunk(keys, values, dtype, k_scale, v_scale, layers.start, L, sensitivity), nbytes
 
 
 # What a malformed blob makes safetensors, json and int() raise.

@@ -148,13 +148,14 @@ class TieredStore:
                 raise flight.error
             assert flight.result is not None
             r = flight.result
-            return ChunkKV(r.keys.clone(), r.values.clone(), r.first_layer, r.tier)
+            return ChunkKV(r.keys.clone(), r.values.clone(), r.first_layer, r.tier,
+                           None if r.sensitivity is None else r.sensitivity.clone())
         try:
             kv = self.get(key)  # a previous leader may have finished since our first look
             if kv is None:
                 computed = compute()
                 self.put(key, computed)
-                kv = ChunkKV(computed.keys, computed.values, 0, "computed")
+                kv = ChunkKV(computed.keys, computed.values, 0, "computed", computed.sensitivity)
             flight.result = kv
             return kv
         except BaseException as e:

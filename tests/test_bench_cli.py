@@ -25,3 +25,31 @@ def test_inspect_prints_selection_and_writes_histogram(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "check layer 1: HKVD" in text and "ttft" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_selection_compares_predictors_on_one_question(tmp_path, capsys):
+    out = tmp_path / "selection.json"
+    assert main(["bench", "selection", "--dataset", str(DATASET), "--limit", "1", "--passages", "2", "--json", str(out)]) == 0
+    rows = {r["predictor"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"full_reuse", "value", "sensitivity", "oracle_L1-1", "oracle_L5-8", "pooled_oracle"} <= set(rows)
+    assert rows["full_reuse"]["vs_full_reuse"] == 1.0 and rows["full_reuse"]["kl"] > 0
+    assert all(r["kl"] >= 0 and r["n"] == 1 for r in rows.values())
+    assert "pooled_oracle" in capsys.readouterr().out
+
+
+def test_fixed_ranking_decides_what_the_check_layer_keeps(engine):
+    import torch
+
+    from bench.selection_study import fixed_ranking
+    from conftest import PASSAGES, QUESTION
+    from engine.request import BlendParams
+
+    chunks = [engine.chunk_from_text(p) for p in PASSAGES]
+    segs = engine.chat_segments([{"role": "user", "content": QUESTION}], chunks)
+    n = sum(len(c) for c in chunks)
+    scores = torch.arange(n, dtype=torch.float32).flip(0)  # favours the earliest chunk tokens
+    engine.prefix_cache.clear()
+    with fixed_ranking(scores):
+        st = engine.prefill(segs, BlendParams(mode="cacheblend", recompute_ratio=0.1, selection_signal="value")).result.stats
+    k = -(-n // 10)
+    assert st.selected[1] == st.candidates[1][:k]

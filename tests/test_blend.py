@@ -130,3 +130,31 @@ def test_prefix_cache_reuses_only_leading_segments(engine, fresh_prefix_cache):
     assert hit.result.stats.exact_tokens == len(first[0]) + len(chunks[0])
     full = engine.prefill(swapped, BlendParams(mode="full_prefill"))
     assert torch.allclose(hit.result.logits, full.result.logits, atol=LOGIT_ATOL)
+
+
+def test_sensitivity_signal_keeps_the_most_sensitive_of_the_value_pool(engine):
+    assert engine.settings.selection_signal == "sensitivity"  # the default
+    segs = rag_segments(engine)
+    chunks = [s for s in segs if s.kind == "chunk"]
+    sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
+    assert sens.shape == (sum(len(c) for c in chunks),) and bool((sens >= 0).all()) and bool(sens.max() > 0)
+    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15).result.stats
+    cand = st.candidates[1]
+    n = len(cand)
+    pool = set(torch.topk(st.deviation[1], math.ceil(engine.settings.sensitivity_pool * n)).indices.tolist())
+    kept = {cand.index(p) for p in st.selected[1]}
+    assert len(kept) == math.ceil(0.15 * n) and kept <= pool
+    assert min(sens[i] for i in kept) >= max(sens[i] for i in pool - kept)
+    by_value = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, selection_signal="value").result.stats
+    assert set(by_value.selected[1]) != set(st.selected[1])
+
+
+def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(settings):
+    from engine.llm_engine import LLMEngine
+
+    eng = LLMEngine(settings.model_copy(update={"selection_signal": "value", "kv_disk_bytes": 0}))
+    segs = rag_segments(eng)
+    assert all(eng.ensure_chunk(s).sensitivity is None for s in segs if s.kind == "chunk")
+    asked = prefill(eng, segs, mode="cacheblend", selection_signal="sensitivity").result.stats
+    value = prefill(eng, segs, mode="cacheblend").result.stats
+    assert asked.selected == value.selected

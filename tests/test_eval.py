@@ -121,8 +121,8 @@ def test_kl_and_percentile():
 
 def test_parse_variants():
     vs = ev.parse_variants("all", num_layers=30)
-    assert [v.name for v in vs] == ["default", "head4", "prefix_ctx", "gradual", "key_signal", "check0", "check2", "check3",
-                                    "random_sel"]
+    assert [v.name for v in vs] == ["default", "head4", "prefix_ctx", "gradual", "value_signal", "key_signal", "check0",
+                                    "check2", "check3", "random_sel"]
     by = {v.name: v for v in vs}
     assert by["head4"].engine_overrides == {"recompute_chunk_head": 4}
     assert by["prefix_ctx"].engine_overrides == {"chunk_context": "prefix"}
@@ -132,6 +132,9 @@ def test_parse_variants():
     assert by["check2"].spec(0.2).check_layers == (2,) and by["check2"].spec(0.2).ratio == 0.2
     assert by["default"].engine_key == "default" and by["head4"].engine_key != "default"
     assert by["random_sel"].spec(0.15).selection_signal == "random"
+    assert by["value_signal"].spec(0.15).selection_signal == "value" and by["value_signal"].engine_key == "default"
+    sens = ev.parse_variant("sensitivity_signal", 30)
+    assert sens.spec(0.15).selection_signal == "sensitivity" and sens.engine_overrides == {"selection_signal": "sensitivity"}
     with pytest.raises(ValueError, match="unknown variant"):
         ev.parse_variant("bogus", 30)
     with pytest.raises(ValueError):

@@ -192,6 +192,47 @@ def test_get_returns_copies(tmp_path: Path) -> None:
         assert again is not None and bool(again.keys.abs().sum() > 0) and bool(again.values.abs().sum() > 0)
 
 
+def test_sensitivity_travels_with_the_chunk(tmp_path: Path) -> None:
+    kv = make_kv(4)
+    kv.sensitivity = torch.rand(T)
+    with make_store(tmp_path, storage="float8_e4m3fn") as s:
+        s.put(key_of(0), kv)
+        for source in ("cpu", "disk"):
+            if source == "disk":
+                s.tiers[0].remove(key_of(0))
+            got = s.get(key_of(0))
+            assert got is not None and got.tier == source
+            assert torch.equal(got.sensitivity, kv.sensitivity)  # float32, never quantized
+            part = s.get(key_of(0), range(2, 4))
+            assert part is not None and torch.equal(part.sensitivity, kv.sensitivity)
+        s.put(key_of(1), make_kv(5))  # a chunk without one reads back without one
+        assert s.get(key_of(1)).sensitivity is None
+        with LayerPrefetcher(s, [key_of(0), key_of(1)], L) as pf:
+            sens = pf.sensitivity()
+            assert torch.equal(sens[0], kv.sensitivity) and sens[1] is None
+
+
+def test_sensitivity_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    kv = make_kv(4)
+    kv.sensitivity = torch.rand(T + 1)
+    with make_store(tmp_path) as s, pytest.raises(ValueError, match="sensitivity"):
+        s.put(key_of(0), kv)
+
+
+def test_corrupt_sensitivity_is_dropped(tmp_path: Path) -> None:
+    kv = make_kv(4)
+    kv.sensitivity = torch.rand(T)
+    with make_store(tmp_path, cpu=0) as s:
+        s.put(key_of(0), kv)
+        path = blob_path(tmp_path, key_of(0))
+
+        def damage(tensors: dict, meta: dict) -> None:
+            tensors["sensitivity"] = tensors["sensitivity"] + 1.0  # checksum no longer matches
+        _rewrite(path, damage)
+        assert s.get(key_of(0)) is None
+        assert not path.exists()
+
+
 # --- capacity, eviction, promotion, demotion ---------------------------------------------
 
 def test_lru_eviction_order_and_capacity(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from engine.selection import kv_deviation, num_selected, select_hkvd
+from engine.selection import context_sensitivity, kv_deviation, num_selected, select_hkvd, select_pooled, sensitivity_layers
 
 
 def test_num_selected_is_ceil_without_float_fuzz():
@@ -27,3 +27,36 @@ def test_deviation_is_per_token_over_heads_and_dims():
     fresh[1, 2, 0] = 3.0
     fresh[0, 0, :] = 1.0
     assert kv_deviation(fresh, cached).tolist() == [4.0, 0.0, 9.0]
+
+
+def test_pooled_selection_ranks_the_most_deviating_pool_by_sensitivity():
+    dev = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.1, 0.2])
+    sens = torch.tensor([0.0, 5.0, 1.0, 3.0, 99.0, 98.0])
+    # pool of 4 by deviation: 0..3; of those the 2 most sensitive are 1 and 3 (4, 5 never qualify)
+    assert select_pooled(dev, sens, 2, 4).tolist() == [1, 3]
+    # a pool smaller than k widens to k: plain HKVD
+    assert select_pooled(dev, sens, 3, 1).tolist() == [0, 1, 2]
+    assert select_pooled(dev, sens, 6, 4).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_pooled_selection_with_a_full_pool_is_pure_sensitivity():
+    dev = torch.rand(50)
+    sens = torch.rand(50)
+    assert select_pooled(dev, sens, 7, 50).tolist() == select_hkvd(sens, 7).tolist()
+
+
+def test_sensitivity_layers_sit_a_sixth_to_three_tenths_deep():
+    assert list(sensitivity_layers(30)) == [5, 6, 7, 8]
+    assert list(sensitivity_layers(32)) == [5, 6, 7, 8]
+    assert list(sensitivity_layers(4)) == [1]
+    assert list(sensitivity_layers(1)) == [0]
+
+
+def test_context_sensitivity_is_relative_movement_summed_over_the_layers():
+    values = torch.ones(3, 2, 4, 8)      # [L, Hkv, T, D]: energy 16 per token in every layer
+    probed = values.clone()
+    probed[1, 0, 2, 0] += 2.0            # token 2 moves by 4 (squared) in layer 1
+    probed[2, 1, 3, :] += 1.0            # token 3 moves by 8 in layer 2
+    probed[0, :, 0, :] += 5.0            # layer 0 is outside the window: ignored
+    got = context_sensitivity(values, probed, range(1, 3))
+    assert torch.allclose(got, torch.tensor([0.0, 0.0, 4 / 16, 8 / 16]))
