@@ -538,6 +538,7 @@ def redis_tier(url: str, **kw) -> RedisTier:
 @needs_redis
 def test_two_stores_share_chunks_through_redis(tmp_path: Path, redis_url: str) -> None:
     kv = make_kv(9)
+    kv.sensitivity = torch.rand(T)
     with make_store(tmp_path, disk_dir="a", extra=[redis_tier(redis_url)]) as a, \
          make_store(tmp_path, disk_dir="b", extra=[redis_tier(redis_url)]) as b:
         a.put(key_of(0), kv)
@@ -545,6 +546,7 @@ def test_two_stores_share_chunks_through_redis(tmp_path: Path, redis_url: str) -
         got = b.get(key_of(0))
         assert got is not None and got.tier == "redis"
         assert_close(got, kv)
+        assert torch.equal(got.sensitivity, kv.sensitivity)
         again = b.get(key_of(0))
         assert again is not None and again.tier == "cpu"
         b.flush()
@@ -649,6 +651,7 @@ def test_redis_timeout_degrades(tmp_path: Path) -> None:
 
 def test_s3_round_trip(tmp_path: Path, aws_env: MotoServer) -> None:
     kv = make_kv(10)
+    kv.sensitivity = torch.rand(T)
     with make_store(tmp_path, cpu=0, disk=0, extra=[S3Tier("kvstore-test", "test/", aws_env.endpoint)]) as s:
         s.put(key_of(0), kv)
         s.flush()
@@ -659,6 +662,7 @@ def test_s3_round_trip(tmp_path: Path, aws_env: MotoServer) -> None:
         got = s2.get(key_of(0))
         assert got is not None and got.tier == "s3"
         assert_close(got, kv)
+        assert torch.equal(got.sensitivity, kv.sensitivity)
         assert s2.get(key_of(1)) is None
         assert s2.stats()["s3"]["misses"] == 1 and s2.stats()["s3"]["errors"] == 0
         assert s2.delete(key_of(0))
