@@ -66,6 +66,16 @@ def blob_path(tmp_path: Path, key: str, disk_dir: str = "kv") -> Path:
     return tmp_path / disk_dir / key[:2] / f"{key}.safetensors"
 
 
+def from_cpu_then_disk(s: TieredStore, key: str) -> Iterator[ChunkKV]:
+    """The chunk as read from the cpu tier, then (dropped from it) as read from the disk tier."""
+    for source in ("cpu", "disk"):
+        if source == "disk":
+            s.tiers[0].remove(key)
+        got = s.get(key)
+        assert got is not None and got.tier == source
+        yield got
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[TieredStore]:
     s = make_store(tmp_path)
@@ -129,11 +139,7 @@ def test_storage_dtype_round_trip(tmp_path: Path, storage: str, compute: torch.d
     kv = make_kv(1, compute)
     with make_store(tmp_path, storage=storage) as s:
         s.put(key_of(0), kv)
-        for source in ("cpu", "disk"):
-            if source == "disk":
-                s.tiers[0].remove(key_of(0))
-            got = s.get(key_of(0))
-            assert got is not None and got.tier == source
+        for got in from_cpu_then_disk(s, key_of(0)):
             assert got.keys.dtype == compute and got.keys.shape == (L, H, T, D)
             for want, have in ((kv.keys, got.keys), (kv.values, got.values)):
                 err = (want.float() - have.float()).abs()
@@ -197,11 +203,7 @@ def test_sensitivity_travels_with_the_chunk(tmp_path: Path) -> None:
     kv.sensitivity = torch.rand(T)
     with make_store(tmp_path, storage="float8_e4m3fn") as s:
         s.put(key_of(0), kv)
-        for source in ("cpu", "disk"):
-            if source == "disk":
-                s.tiers[0].remove(key_of(0))
-            got = s.get(key_of(0))
-            assert got is not None and got.tier == source
+        for got in from_cpu_then_disk(s, key_of(0)):
             assert torch.equal(got.sensitivity, kv.sensitivity)  # float32, never quantized
             part = s.get(key_of(0), range(2, 4))
             assert part is not None and torch.equal(part.sensitivity, kv.sensitivity)
