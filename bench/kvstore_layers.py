@@ -40,7 +40,8 @@ def main() -> None:
             t0 = time.perf_counter()
             for key, kv in zip(keys, kvs):
                 store.put(key, kv)
-            put_ms = (time.perf_counter() - t0) / len(keys) * 1e3
+            put_ms = (time.perf_counter() - t0) / len(keys) * 1e3  # the caller's cost: disk writes are background
+            store.flush()
             timings = {}
             for tier in ("cpu", "disk"):
                 t0 = time.perf_counter()

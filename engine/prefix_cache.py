@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from engine.segments import Segment
+from kvstore.lru import LRU
 
 
 @dataclass
@@ -42,10 +42,10 @@ def boundary_hashes(segments: list[Segment]) -> list[tuple[str, int]]:
 class PrefixCache:
     def __init__(self, capacity_bytes: int):
         self.capacity = capacity_bytes
-        self._entries: OrderedDict[int, PrefixEntry] = OrderedDict()  # id -> entry, LRU order
-        self._index: dict[str, tuple[int, int]] = {}                  # boundary hash -> (entry id, length)
+        self._entries: dict[int, PrefixEntry] = {}    # id -> entry
+        self._lru: LRU[int] = LRU(capacity_bytes)     # entry ids by recent use
+        self._index: dict[str, tuple[int, int]] = {}  # boundary hash -> (entry id, length)
         self._next_id = 0
-        self._bytes = 0
         self._lock = threading.Lock()
         self.queries = 0
         self.hits = 0
@@ -57,7 +57,7 @@ class PrefixCache:
             for digest, n in reversed(boundary_hashes(segments)):
                 hit = self._index.get(digest)
                 if n <= max_len and hit is not None and hit[0] in self._entries:
-                    self._entries.move_to_end(hit[0])
+                    self._lru.touch(hit[0])
                     self.hits += 1
                     return n, self._entries[hit[0]]
             return 0, None
@@ -76,12 +76,11 @@ class PrefixCache:
             entry = PrefixEntry(k[:, :, :P].clone(), v[:, :, :P].clone())
             if entry.nbytes > self.capacity:
                 return
-            while self._bytes + entry.nbytes > self.capacity:
-                _, old = self._entries.popitem(last=False)
-                self._bytes -= old.nbytes
             eid, self._next_id = self._next_id, self._next_id + 1
             self._entries[eid] = entry
-            self._bytes += entry.nbytes
+            self._lru.add(eid, entry.nbytes)
+            for old in self._lru.evict(keep=eid):
+                del self._entries[old]
             for digest, n in bounds:
                 self._index[digest] = (eid, n)
             if len(self._index) > 8 * len(self._entries) + 64:
@@ -91,4 +90,4 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
             self._index.clear()
-            self._bytes = 0
+            self._lru = LRU(self.capacity)

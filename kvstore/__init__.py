@@ -7,8 +7,9 @@ Entry points:
     LayerPrefetcher, ChunkMissing                   layer-by-layer loading under compute
     bytes_per_token_per_layer(storage_dtype, num_kv_heads, head_dim) -> int
 
-`TieredStore.stats()` returns {tier name: counters}; tier names, in order, are "device",
-"cpu", "disk", "redis", "s3" (only those configured). Counters (names are stable; they
+`TieredStore(tiers, ...)` takes any ordered list of tier_base.Tier objects, fastest first.
+`TieredStore.stats()` returns {tier name: counters}; from build_store the names, in order, are
+"device", "cpu", "disk", "redis", "s3" (only those configured). Counters (names are stable; they
 become Prometheus metrics):
     hits           reads served by this tier (a layer-range read counts once)
     misses         reads this tier could not serve (including corrupt blobs)
@@ -16,7 +17,7 @@ become Prometheus metrics):
     bytes_written  bytes written into the tier (puts, promotions, demotions)
     evictions      entries evicted to make room (local tiers)
     corrupt        blobs that failed header/shape/checksum checks and were deleted
-    errors         failed operations (Redis/S3 unreachable or timing out, disk write errors)
+    errors         failed operations (Redis/S3 unreachable or timing out, any failed write)
     load_seconds   wall time spent in reads that hit
     bytes_used     bytes held now (0 for redis/s3: not tracked)
     capacity       byte capacity (0 for redis/s3: not tracked)

@@ -7,7 +7,7 @@ its tokens, computed with the chunk alone under the engine's precompute conventi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -45,8 +45,6 @@ class ChunkStore(Protocol):
     def put(self, key: str, kv: ChunkKV) -> None: ...
 
     def delete(self, key: str) -> bool: ...
-
-    def prefetch(self, keys: Iterable[str]) -> None: ...
 
     def stats(self) -> dict: ...
 

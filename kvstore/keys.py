@@ -3,13 +3,17 @@
 A key is the sha256 (64 lowercase hex characters) of everything that determines a chunk's KV:
 its token ids, the model, the KV dtype and the precompute convention. Keys arrive from
 clients as chunk IDs, so every tier checks them with `check_key` before touching storage.
+
+Files named by key (disk tier blobs, registry records) live at `<root>/<key[:2]>/<key><suffix>`:
+256 shard folders keep any one folder small.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from typing import Sequence, Union
+from pathlib import Path
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -51,3 +55,17 @@ def check_key(key: object) -> str:
     if not is_key(key):
         raise ValueError(f"invalid chunk key: {str(key)[:80]!r}")
     return key  # type: ignore[return-value]
+
+
+def shard_path(root: Path, key: str, suffix: str) -> Path:
+    """Where the file of `key` lives under `root`; ValueError for a malformed key."""
+    check_key(key)
+    return root / key[:2] / f"{key}{suffix}"
+
+
+def shard_files(root: Path, suffix: str) -> Iterator[tuple[str, Path]]:
+    """(key, path) of every file laid out by `shard_path` under `root`, skipping any other name."""
+    for path in root.glob(f"*/*{suffix}"):
+        key = path.name[: -len(suffix)]
+        if is_key(key) and path.parent.name == key[:2]:
+            yield key, path

@@ -5,7 +5,10 @@ Records are {"key", "text", "token_ids", "created" (unix seconds)} and live as J
 `<root>/<key[:2]>/<key>.json` (atomic writes). With Redis configured they are also kept there
 (`cacheblend:chunk:<key>`, no TTL, plus the sorted set `cacheblend:chunks` scored by created),
 so any node can resolve and list IDs registered on another; records fetched from Redis are
-cached locally. If Redis fails the registry carries on with its local files. A delete
+cached locally. If Redis fails the registry carries on with its local files, and local records
+Redis may lack (all of them at start-up, those added while it was down) are published at the
+next add or listing that reaches it (all of them again after any Redis error), so a fresh or
+restarted Redis lists them too. A delete
 removes the record here and in Redis; another node's cached copy stays (as its local KV
 tiers do).
 """
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from kvstore.atomic import atomic_write, remove_temp_files
 from kvstore.breaker import Breaker
-from kvstore.keys import KEY_RE, check_key, is_key
+from kvstore.keys import check_key, is_key, shard_files, shard_path
 
 if TYPE_CHECKING:
     import redis
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 RECORD_PREFIX = "cacheblend:chunk:"
 INDEX_KEY = "cacheblend:chunks"
+SUFFIX = ".json"
 
 Record = dict[str, Any]
 Records = list[Record]  # named here: inside the class, `list` is the method
@@ -66,6 +70,7 @@ class ChunkRegistry:
         self._lock = threading.Lock()
         self._created: dict[str, int] = {}
         self._order: list[tuple[int, str]] = []  # sorted (created, key): the listing order
+        self._unpublished: set[str] = set()  # local records Redis may not hold yet
         self._redis: Optional["redis.Redis"] = None
         errors: tuple[type[BaseException], ...] = ()
         if redis_url:
@@ -80,22 +85,23 @@ class ChunkRegistry:
 
     def _count_error(self) -> None:
         self.errors += 1
+        with self._lock:  # Redis may come back empty (a restart): publish everything again then
+            self._unpublished.update(self._created)
 
     def _path(self, key: str) -> Path:
-        check_key(key)
-        return self.root / key[:2] / f"{key}.json"
+        return shard_path(self.root, key, SUFFIX)
 
     def _scan(self) -> None:
-        for path in self.root.glob("*/*.json"):
-            key = path.stem
-            if KEY_RE.match(key) and path.parent.name == key[:2]:
-                record = self._read_local(key)
-                if record is not None:
-                    self._index(record)
+        for key, _ in shard_files(self.root, SUFFIX):
+            record = self._read_local(key)
+            if record is not None:
+                self._index(record)
 
     def _index(self, record: Record) -> None:
         """Add to the in-memory index; the caller holds the lock (or is the constructor)."""
         key, created = record["key"], record["created"]
+        if self._redis is not None:
+            self._unpublished.add(key)
         if key not in self._created:
             self._created[key] = created
             bisect.insort(self._order, (created, key))
@@ -120,17 +126,29 @@ class ChunkRegistry:
         record: Record = {"key": key, "text": text, "token_ids": [int(t) for t in token_ids],
                           "created": int(time.time())}
         self._write_local(record)
-        if self._redis is not None:
-            redis_client = self._redis
-
-            def publish() -> None:
-                pipe = redis_client.pipeline()
-                pipe.set(RECORD_PREFIX + key, json.dumps(record), nx=True)
-                pipe.zadd(INDEX_KEY, {key: record["created"]}, nx=True)
-                pipe.execute()
-
-            self._breaker.call("SET", publish, None)
+        self._sync()
         return record
+
+    def _sync(self) -> None:
+        """Publish the local records Redis may lack (skipped while it is down)."""
+        with self._lock:
+            keys = list(self._unpublished)
+        if not keys or self._redis is None:
+            return
+        records = [r for r in (self._read_local(k) for k in keys) if r is not None]
+        redis_client = self._redis
+
+        def publish() -> bool:
+            pipe = redis_client.pipeline()
+            for r in records:
+                pipe.set(RECORD_PREFIX + r["key"], json.dumps(r), nx=True)
+                pipe.zadd(INDEX_KEY, {r["key"]: r["created"]}, nx=True)
+            pipe.execute()
+            return True
+
+        if self._breaker.call("SET", publish, False):
+            with self._lock:
+                self._unpublished.difference_update(keys)
 
     def get(self, key: str) -> Optional[Record]:
         """The record of `key`, from local files or else Redis; None if unknown."""
@@ -153,6 +171,7 @@ class ChunkRegistry:
         check_key(key)
         with self._lock:
             created = self._created.pop(key, None)
+            self._unpublished.discard(key)
             if created is not None:
                 self._order.pop(bisect.bisect_left(self._order, (created, key)))
         found = created is not None
@@ -192,6 +211,7 @@ class ChunkRegistry:
         if limit < 1:
             return []
         if self._redis is not None:
+            self._sync()
             page = self._breaker.call("list", lambda: self._list_redis(after, limit), None)
             if page is not None:
                 return page

@@ -1,10 +1,10 @@
-"""Disk tier: one safetensors file per chunk under a folder, evicted by bytes.
+"""Disk tier: one safetensors file per chunk under a folder, evicted by bytes (LRU).
 
-Files live at `<root>/<key[:2]>/<key>.safetensors`; the name comes only from a validated key.
-Writes are atomic (see atomic.py). On start the index is rebuilt from the folder: temp files
-of interrupted writes are deleted, sizes read, and LRU order taken from mtimes (a read
-touches the file's mtime, so the order survives restarts). Blobs are checked when read, not
-at start. One process owns a folder.
+Files live where `keys.shard_path` puts them (suffix `.safetensors`). Writes are atomic (see
+atomic.py), so a failed or interrupted write never leaves a file a read would serve. On start
+the index is rebuilt from the folder: temp files of interrupted writes are deleted, sizes
+read, and LRU order taken from mtimes (a read touches the file's mtime, so the order
+survives restarts). Blobs are checked when read, not at start. One process owns a folder.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Optional
 
 from kvstore import serialize
 from kvstore.atomic import atomic_write, remove_temp_files
-from kvstore.keys import KEY_RE, check_key
-from kvstore.lru import EvictionPolicy, LRUPolicy
+from kvstore.keys import shard_files, shard_path
+from kvstore.lru import LRU
 from kvstore.quant import StoredChunk
-from kvstore.tier_base import Payload, Pinned, Tier
+from kvstore.tier_base import OnEvict, Payload, Pinned, Tier
 
 log = logging.getLogger(__name__)
 
@@ -28,82 +28,50 @@ SUFFIX = ".safetensors"
 
 
 class DiskTier(Tier):
-    name = "disk"
+    """Chunks as files under `root`; layer-range reads touch only those layers' tensors."""
 
-    def __init__(self, root: Path, capacity: int, policy: Optional[EvictionPolicy] = None) -> None:
-        super().__init__(capacity)
+    def __init__(self, root: Path, capacity: int, name: str = "disk") -> None:
+        super().__init__(name, capacity)
         self.root = Path(root)
-        # Set by TieredStore when a tier below exists: evicted files are then read before deletion
-        # and handed back for demotion.
-        self.keep_evicted = False
-        self._policy = policy or LRUPolicy()
-        self._sizes: dict[str, int] = {}
-        self._bytes = 0
+        self._lru: LRU[str] = LRU(capacity)
         self._lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         removed = remove_temp_files(self.root)
         if removed:
-            log.info("disk tier: removed %d temp files of interrupted writes", removed)
+            log.info("%s tier: removed %d temp files of interrupted writes", name, removed)
         self._scan()
 
     def path(self, key: str) -> Path:
-        check_key(key)
-        return self.root / key[:2] / f"{key}{SUFFIX}"
+        return shard_path(self.root, key, SUFFIX)
 
     def _scan(self) -> None:
         found: list[tuple[int, str, int]] = []  # (mtime_ns, key, size)
-        for path in self.root.glob(f"*/*{SUFFIX}"):
-            key = path.name[: -len(SUFFIX)]
-            if not KEY_RE.match(key) or path.parent.name != key[:2]:
-                continue
+        for key, path in shard_files(self.root, SUFFIX):
             try:
                 st = path.stat()
             except FileNotFoundError:
                 continue
             found.append((st.st_mtime_ns, key, st.st_size))
         for _, key, size in sorted(found):
-            self._sizes[key] = size
-            self._bytes += size
-            self._policy.add(key)
-        # A smaller capacity than last run: drop the oldest files.
-        for key, _ in self._pick_victims(None, lambda _: False):
-            self._forget(key)
+            self._lru.add(key, size)
+        for key in self._lru.evict():  # a smaller capacity than last run: drop the oldest files
             self.path(key).unlink(missing_ok=True)
-
-    def _pick_victims(self, keep: Optional[str], pinned: Pinned) -> list[tuple[str, int]]:
-        victims: list[tuple[str, int]] = []
-        excess = self._bytes - self.capacity
-        for victim in self._policy.victims():
-            if excess <= 0:
-                break
-            if victim != keep and not pinned(victim):
-                victims.append((victim, self._sizes[victim]))
-                excess -= self._sizes[victim]
-        return victims
-
-    def _forget(self, key: str) -> bool:
-        size = self._sizes.pop(key, None)
-        if size is None:
-            return False
-        self._bytes -= size
-        self._policy.remove(key)
-        return True
 
     def contains(self, key: str) -> bool:
         with self._lock:
-            return key in self._sizes
+            return key in self._lru
 
     def _read(self, key: str, layers: Optional[range]) -> Optional[tuple[StoredChunk, int]]:
         with self._lock:
-            if key not in self._sizes:
+            if key not in self._lru:
                 return None
-            self._policy.touch(key)
+            self._lru.touch(key)
         path = self.path(key)
         try:
             found = serialize.read_file(key, path, layers)
         except FileNotFoundError:  # removed behind our back
             with self._lock:
-                self._forget(key)
+                self._lru.remove(key)
             return None
         if layers is None or layers.start == 0:  # once per layer-by-layer stream
             try:
@@ -112,50 +80,34 @@ class DiskTier(Tier):
                 pass
         return found
 
-    def write(self, key: str, chunk: StoredChunk, pinned: Pinned) -> list[tuple[str, Payload]]:
-        return self.write_bytes(key, serialize.to_bytes(key, chunk), pinned)
-
-    def write_bytes(self, key: str, data: bytes, pinned: Pinned) -> list[tuple[str, Payload]]:
-        """Store a serialized chunk; returns evicted entries as (key, file bytes) if `keep_evicted`."""
+    def write(self, key: str, payload: Payload, pinned: Pinned, on_evict: Optional[OnEvict]) -> None:
+        data = payload.data
         if len(data) > self.capacity:
-            return []
-        path = self.path(key)
-        try:
-            atomic_write(path, data)
-        except OSError as e:
-            log.warning("disk tier: writing %s failed: %s", path, e)
-            self.counters.add(errors=1)
-            return []
+            return
+        atomic_write(self.path(key), data)
         with self._lock:
-            self._forget(key)
-            self._sizes[key] = len(data)
-            self._bytes += len(data)
-            self._policy.add(key)
-            victims = self._pick_victims(key, pinned)
-            for victim, _ in victims:
-                self._forget(victim)
+            self._lru.add(key, len(data))
+            victims = self._lru.evict(keep=key, pinned=pinned)
+            # Under the lock, so a write of the same key can't land between the read and the unlink.
+            for victim in victims:
+                vpath = self.path(victim)
+                try:
+                    if on_evict is not None:
+                        on_evict(Payload(victim, data=vpath.read_bytes()))
+                    vpath.unlink()
+                except FileNotFoundError:
+                    pass
         self.counters.add(bytes_written=len(data), evictions=len(victims))
-        evicted: list[tuple[str, Payload]] = []
-        for victim, _ in victims:
-            vpath = self.path(victim)
-            try:
-                if self.keep_evicted:
-                    evicted.append((victim, vpath.read_bytes()))
-                vpath.unlink()
-            except FileNotFoundError:
-                pass
-        return evicted
 
     def remove(self, key: str) -> bool:
         with self._lock:
-            known = self._forget(key)
-            path = self.path(key)
+            known = self._lru.remove(key)
             try:
-                path.unlink()
+                self.path(key).unlink()
                 return True
             except FileNotFoundError:
                 return known
 
     def usage(self) -> tuple[int, int]:
         with self._lock:
-            return self._bytes, len(self._sizes)
+            return self._lru.used, len(self._lru)

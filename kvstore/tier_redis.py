@@ -30,11 +30,9 @@ def connect(url: str, timeout_s: float) -> redis.Redis:
 
 
 class RedisTier(SharedTier):
-    name = "redis"
-
     def __init__(self, url: str, ttl_s: int, max_bytes: int, timeout_s: float = 0.5,
                  retry_after_s: float = 5.0) -> None:
-        super().__init__()
+        super().__init__("redis")
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
         self._client = connect(url, timeout_s)

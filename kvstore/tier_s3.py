@@ -24,11 +24,9 @@ _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 
 
 class S3Tier(SharedTier):
-    name = "s3"
-
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: Optional[str] = None,
                  timeout_s: float = 5.0, retry_after_s: float = 5.0) -> None:
-        super().__init__()
+        super().__init__("s3")
         self.bucket = bucket
         self.prefix = prefix
         config = Config(connect_timeout=timeout_s, read_timeout=timeout_s,

@@ -1,24 +1,28 @@
-"""TieredStore: chunk KV across memory, disk and shared tiers.
+"""TieredStore: chunk KV across an ordered list of tiers, fastest first.
 
-Tiers are kept in a fixed order, fastest first: device, cpu, disk, redis, s3 (any may be
-absent). Rules:
+The usual order is device, cpu, disk, redis, s3 (any may be absent), but the store knows no
+kinds: it reads each tier's traits (tier_base.Tier) and applies one set of rules.
 
-- put: the first memory tier gets the chunk; the disk tier too in write-through mode (or
-  when there is no memory tier); every shared tier (Redis, S3) gets it in the background.
+- put: the chunk is encoded and written into the top tier on the caller's thread (when that
+  tier is fast), so an immediate `get` sees it. The other tiers that get a copy
+  (policy.copy_targets: the disk in write-through mode, shared tiers) are written on the
+  background writer. A write still on its way is served as if it had landed.
 - get: tiers are tried in order. A hit below the top is promoted to the tiers above it
-  (memory tiers at once; disk, in write-through mode, and shared tiers in the background).
-  A layer-range read from disk is served lazily, and the whole chunk is promoted in the
-  background once a read reaches the chunk's last layer (a layer-by-layer stream ended).
+  (policy.copy_targets; memory at once, slow tiers in the background). A layer-range
+  read from a lazy tier (disk) reads only those layers, and the whole chunk is promoted in
+  the background once a read reaches the chunk's last layer (a layer-by-layer stream ended).
 - eviction: an entry evicted from a tier moves to the next tier down unless it is already
   there (so in write-back mode the disk gets chunks as the cpu tier evicts them, and on
-  flush/close). Until that move finishes the entry is still served from memory.
+  flush/close). Until that move finishes the entry is still served.
+- failures: a write that fails is logged and counted in its tier's `errors`, never raised;
+  the disk tier writes atomically, so a failed write leaves no file behind.
 - pins: `get` pins its key for the duration of the read, and `pin`/`unpin` let a caller hold
-  keys across many reads (LayerPrefetcher does); pinned keys are never evicted from local tiers.
+  keys across many reads (LayerPrefetcher does); pinned keys are never evicted.
 - get_or_compute: on a miss everywhere one caller computes and the rest of the same key wait
   for it (single-flight).
 
-Thread-safe. Memory tiers are touched only under `_lock`; disk and shared tiers lock
-themselves. Lock order: a tier's own lock may be held while taking `_lock`, never the reverse.
+Thread-safe. Lock order: a tier may take the store's pin lock and the transit lock under its
+own (through `pinned` and `on_evict`), never the reverse.
 """
 
 from __future__ import annotations
@@ -26,32 +30,21 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterable, Literal, Optional, Sequence, Union
 
 import torch
 
-from kvstore import serialize
 from kvstore.base import ChunkKV
+from kvstore.flight import SingleFlight
 from kvstore.keys import check_key
+from kvstore.policy import copy_targets, write_back_targets
 from kvstore.quant import STORAGE_DTYPES, StoredChunk, decode, encode
-from kvstore.tier_base import Payload, SharedTier, Tier
-from kvstore.tier_disk import DiskTier
-from kvstore.tier_memory import MemoryTier
+from kvstore.serialize import CorruptBlob
+from kvstore.tier_base import Payload, Tier
+from kvstore.transit import Transit, Write
+from kvstore.workers import Workers
 
 log = logging.getLogger(__name__)
-
-# A chunk read from a tier, with the tier's position and name.
-_Hit = tuple[StoredChunk, int, str]
-
-
-class _Flight:
-    """One in-progress computation of a key that other callers wait on."""
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.result: Optional[ChunkKV] = None
-        self.error: Optional[BaseException] = None
 
 
 class TieredStore:
@@ -75,36 +68,22 @@ class TieredStore:
         self.storage_dtype = storage_dtype
         self.device = torch.device(device)
         self.write_through = disk_write == "through"
-        self._memory = [i for i, t in enumerate(self.tiers) if isinstance(t, MemoryTier)]
-        self._disk = next((i for i, t in enumerate(self.tiers) if isinstance(t, DiskTier)), None)
-        self._shared = [i for i, t in enumerate(self.tiers) if t.shared]
-        self._cpu = next((i for i, t in enumerate(self.tiers) if t.name == "cpu"), None)
-        if self._disk is not None:
-            disk = self.tiers[self._disk]
-            assert isinstance(disk, DiskTier)
-            disk.keep_evicted = self._disk + 1 < len(self.tiers)
 
         self._lock = threading.Lock()
         self._pins: Counter[str] = Counter()
-        self._flights: dict[str, _Flight] = {}
-        # Entries evicted from a memory tier while their move down is under way: key -> (tier, chunk).
-        self._moving: dict[str, tuple[int, StoredChunk]] = {}
-        # Writes to disk and shared tiers run in order on one thread; reads for prefetch and
-        # promotion on two.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstore-write")
-        self._loader = ThreadPoolExecutor(2, thread_name_prefix="kvstore-load")
-        self._pending: dict[ThreadPoolExecutor, set[Future]] = {self._writer: set(), self._loader: set()}
+        self._flights: SingleFlight[ChunkKV] = SingleFlight()
+        self._transit = Transit()
+        # Writes to slow tiers run in order on one thread; whole-chunk loads after a stream on two.
+        self._writer = Workers(1, "kvstore-write")
+        self._loader = Workers(2, "kvstore-load")
         self._closed = False
 
     # --- public interface -------------------------------------------------------------
 
     def contains(self, key: str) -> bool:
-        """Whether any tier holds `key` (asks shared tiers last)."""
+        """Whether any tier holds `key`, or a write of it is on its way (asks shared tiers last)."""
         check_key(key)
-        with self._lock:
-            if key in self._moving or any(self.tiers[i].contains(key) for i in self._memory):
-                return True
-        return any(t.contains(key) for i, t in enumerate(self.tiers) if i not in self._memory)
+        return any(self._transit.find(i, key) is not None or t.contains(key) for i, t in enumerate(self.tiers))
 
     def get(self, key: str, layers: Optional[range] = None) -> Optional[ChunkKV]:
         """KV of `key`, all layers or `layers` (absolute indices), or None on a miss.
@@ -118,12 +97,12 @@ class TieredStore:
         self._check_open()
         self.pin([key])
         try:
-            hit = self._lookup(key, layers, promote_to=0)
+            hit = self._lookup(key, layers)
         finally:
             self.unpin([key])
         if hit is None:
             return None
-        chunk, _, tier = hit
+        chunk, tier = hit
         if layers is not None:
             chunk = chunk.layers(layers)
         return decode(chunk, self.device, tier)
@@ -137,73 +116,42 @@ class TieredStore:
         kv = self.get(key)
         if kv is not None:
             return kv
-        with self._lock:
-            flight = self._flights.get(key)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[key] = _Flight()
-        if not leader:
-            flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
-            assert flight.result is not None
-            r = flight.result
-            return ChunkKV(r.keys.clone(), r.values.clone(), r.first_layer, r.tier,
-                           None if r.sensitivity is None else r.sensitivity.clone())
-        try:
-            kv = self.get(key)  # a previous leader may have finished since our first look
-            if kv is None:
-                computed = compute()
-                self.put(key, computed)
-                kv = ChunkKV(computed.keys, computed.values, 0, "computed", computed.sensitivity)
-            flight.result = kv
+
+        def get_or_put() -> ChunkKV:
+            found = self.get(key)  # a previous leader may have finished since our first look
+            if found is not None:
+                return found
+            computed = compute()
+            self.put(key, computed)
+            return ChunkKV(computed.keys, computed.values, 0, "computed", computed.sensitivity)
+
+        kv, leader = self._flights.run(key, get_or_put)
+        if leader:
             return kv
-        except BaseException as e:
-            flight.error = e
-            raise
-        finally:
-            with self._lock:
-                del self._flights[key]
-            flight.done.set()
+        return ChunkKV(kv.keys.clone(), kv.values.clone(), kv.first_layer, kv.tier,
+                       None if kv.sensitivity is None else kv.sensitivity.clone())
 
     def put(self, key: str, kv: ChunkKV) -> None:
-        """Store the whole chunk `kv` (first_layer 0) under `key` in `storage_dtype`."""
+        """Store the whole chunk `kv` (first_layer 0) under `key` in `storage_dtype`.
+
+        Returns once the chunk is readable; writes to slow tiers finish in the background.
+        """
         check_key(key)
         self._check_open()
-        chunk = encode(kv, self.storage_dtype)
-        if self._memory:
-            self._insert(self._memory[0], key, chunk)
-        if self._disk is not None and (self.write_through or not self._memory):
-            self._insert(self._disk, key, chunk)
-        if self._shared:
-            self._background(self._writer, self._write_shared, self._shared, key, chunk, False)
+        payload = Payload(key, encode(kv, self.storage_dtype))
+        for i in copy_targets(self.tiers, len(self.tiers), self.write_through, put=True):
+            self._send(i, payload)
 
     def delete(self, key: str) -> bool:
-        """Remove `key` from every tier; True if any tier had it."""
+        """Remove `key` from every tier and cancel its pending writes; True if any had it."""
         check_key(key)
-        self._drain(self._writer)  # a queued write must not bring it back
-        found = False
-        with self._lock:
-            found |= self._moving.pop(key, None) is not None
-            for i in self._memory:
-                found |= self.tiers[i].remove(key)
-        for i, tier in enumerate(self.tiers):
-            if i not in self._memory:
-                found |= tier.remove(key)
+        found = self._transit.cancel(key)
+        for tier in self.tiers:
+            found |= tier.remove(key)
         return found
 
-    def prefetch(self, keys: Iterable[str]) -> Future:
-        """Load `keys` into the cpu tier in the background; the future resolves when done."""
-        keys = [check_key(k) for k in keys]
-        self._check_open()
-        if self._cpu is None:
-            done: Future = Future()
-            done.set_result(None)
-            return done
-        return self._background(self._loader, self._prefetch, keys)
-
     def pin(self, keys: Iterable[str]) -> None:
-        """Keep `keys` from being evicted from local tiers until as many `unpin` calls."""
+        """Keep `keys` from being evicted until as many `unpin` calls."""
         with self._lock:
             self._pins.update(keys)
 
@@ -216,24 +164,20 @@ class TieredStore:
                     del self._pins[k]
 
     def flush(self) -> None:
-        """Finish background work; in write-back mode also write memory-only chunks to disk."""
-        self._drain(self._loader)
-        if self._disk is not None and not self.write_through:
-            with self._lock:
-                entries = {k: c for t in self.tiers if isinstance(t, MemoryTier) for k, c in t.items()}
-                entries.update({k: c for k, (_, c) in self._moving.items()})
-            for key, chunk in entries.items():
-                if not self._tier_contains(self._disk, key):
-                    self._insert(self._disk, key, chunk)
-        self._drain(self._loader)
-        self._drain(self._writer)
+        """Wait for background work; in write-back mode first write volatile tiers' chunks to disk."""
+        self._loader.drain()
+        targets = [] if self.write_through else write_back_targets(self.tiers)
+        for tier in self.tiers if targets else ():
+            if tier.volatile:
+                for key, chunk in tier.items():
+                    payload = Payload(key, chunk)
+                    for i in targets:
+                        self._send(i, payload, if_absent=True)
+        self._writer.drain()
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Counters per tier name; see the kvstore package docstring."""
-        with self._lock:
-            out = {self.tiers[i].name: self.tiers[i].stats() for i in self._memory}
-        out.update({t.name: t.stats() for i, t in enumerate(self.tiers) if i not in self._memory})
-        return {t.name: out[t.name] for t in self.tiers}
+        return {t.name: t.stats() for t in self.tiers}
 
     def close(self) -> None:
         """Flush, stop background threads and close connections. Idempotent."""
@@ -241,8 +185,8 @@ class TieredStore:
             return
         self.flush()
         self._closed = True
-        self._loader.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
+        self._loader.shutdown()
+        self._writer.shutdown()
         for tier in self.tiers:
             tier.close()
 
@@ -254,148 +198,84 @@ class TieredStore:
 
     # --- reading ----------------------------------------------------------------------
 
-    def _lookup(self, key: str, layers: Optional[range], promote_to: int) -> Optional[_Hit]:
-        """First tier holding `key` (the caller has pinned it); promotes into tiers >= promote_to."""
-        hit: Optional[_Hit] = None
-        with self._lock:
-            moving = self._moving.get(key)
-            for i in self._memory:
-                tier = self.tiers[i]
-                if moving is not None and moving[0] == i:
-                    tier.counters.add(hits=1)  # evicted, on its way down: still served from here
-                    chunk: Optional[StoredChunk] = moving[1]
-                else:
-                    chunk = tier.read(key, layers)
-                if chunk is not None:
-                    hit = (chunk, i, tier.name)
-                    break
-        if hit is None:
-            for i, tier in enumerate(self.tiers):
-                if i in self._memory:
-                    continue
+    def _lookup(self, key: str, layers: Optional[range]) -> Optional[tuple[StoredChunk, str]]:
+        """(chunk, tier name) of the first tier holding `key` (pinned by the caller); promotes it."""
+        for i, tier in enumerate(self.tiers):
+            # A chunk evicted from tier i-1 is in transit to tier i before it leaves i-1, and
+            # stays in transit until it lands here: checking in this order can't miss it.
+            chunk = self._read_transit(i, key)
+            if chunk is None:
                 chunk = tier.read(key, layers)
-                if chunk is not None:
-                    hit = (chunk, i, tier.name)
-                    break
-        if hit is None:
+            if chunk is not None:
+                break
+        else:
             return None
-        chunk, i, _ = hit
-        if i > promote_to:
-            if chunk.is_whole:
-                self._promote(key, chunk, i, promote_to)
-            elif i == self._disk and layers is not None and layers.stop == chunk.total_layers:
-                self._background(self._loader, self._load, key, promote_to)
-        return hit
+        if chunk.is_whole:
+            payload = Payload(key, chunk)
+            for above in copy_targets(self.tiers, i, self.write_through, put=False):
+                self._send(above, payload)
+        elif layers is not None and layers.stop == chunk.total_layers:
+            self._loader.submit(self._load, key)  # a layer stream ended: bring it all up
+        return chunk, tier.name
 
-    def _load(self, key: str, promote_to: int) -> None:
+    def _load(self, key: str) -> None:
         self.pin([key])
         try:
-            self._lookup(key, None, promote_to)
+            self._lookup(key, None)
         finally:
             self.unpin([key])
 
-    def _prefetch(self, keys: list[str]) -> None:
-        assert self._cpu is not None
-        for key in keys:
-            self._load(key, self._cpu)
-
-    def _promote(self, key: str, chunk: StoredChunk, found_at: int, promote_to: int) -> None:
-        for i in range(promote_to, found_at):
-            if i in self._memory:
-                self._insert(i, key, chunk)
-            elif i == self._disk and self.write_through:
-                self._background(self._writer, self._insert, i, key, chunk)
-            elif i in self._shared:
-                self._background(self._writer, self._write_shared, [i], key, chunk, False)
+    def _read_transit(self, i: int, key: str) -> Optional[StoredChunk]:
+        w = self._transit.find(i, key)
+        if w is None:
+            return None
+        try:
+            chunk = w.payload.chunk
+        except CorruptBlob:  # a damaged file on its way down: the tier below will drop it
+            return None
+        self.tiers[i].counters.add(hits=1)
+        return chunk
 
     # --- writing ----------------------------------------------------------------------
 
-    def _insert(self, i: int, key: str, chunk: StoredChunk) -> None:
-        """Write `chunk` into local tier i and move what it evicts one tier down."""
-        tier = self.tiers[i]
-        if isinstance(tier, MemoryTier):
-            chunk = tier.prepare(chunk)  # the device copy, outside the lock
-            with self._lock:
-                evicted = tier.write(key, chunk, self._pinned_locked)
-                for k, payload in evicted:
-                    assert isinstance(payload, StoredChunk)
-                    self._moving[k] = (i, payload)
+    def _send(self, i: int, payload: Payload, if_absent: bool = False) -> None:
+        """Write `payload` into tier i (on the writer if the tier is slow); readable at once."""
+        self._dispatch(self._transit.add(i, payload, if_absent))
+
+    def _dispatch(self, w: Write) -> None:
+        if self.tiers[w.tier].slow_write:
+            self._writer.submit(self._land, w)
         else:
-            evicted = tier.write(key, chunk, self._pinned)
-        for k, payload in evicted:
-            self._demote(i, k, payload)
+            self._land(w)
 
-    def _demote(self, i: int, key: str, payload: Payload) -> None:
-        below = i + 1
-        inserted = False
+    def _land(self, w: Write) -> None:
+        """Do write `w`, then send what it evicted one tier down."""
+        tier, key = self.tiers[w.tier], w.payload.key
+        evicted: list[Write] = []
+
+        def on_evict(payload: Payload) -> None:  # called under the tier's lock
+            evicted.append(self._transit.add(w.tier + 1, payload, if_absent=True))
+
+        wrote = False
         try:
-            if below >= len(self.tiers):
-                return
-            if self.tiers[below].shared:
-                self._background(self._writer, self._write_shared, [below], key, payload, True)
-            elif not self._tier_contains(below, key):
-                # Only the disk tier yields bytes, and only shared tiers lie below it.
-                assert isinstance(payload, StoredChunk)
-                self._insert(below, key, payload)
-                inserted = True
+            if self._transit.start(w) and not (w.if_absent and tier.contains(key)):
+                tier.write(key, w.payload, self._pinned, on_evict if w.tier + 1 < len(self.tiers) else None)
+                wrote = True
+        except Exception:
+            # A cache that could not store a chunk just misses it later: never the caller's error.
+            log.exception("kvstore: writing chunk %s to the %s tier failed", key, tier.name)
+            tier.counters.add(errors=1)
         finally:
-            with self._lock:
-                moving = self._moving.get(key)
-                deleted = isinstance(payload, StoredChunk) and moving is None
-                if moving is not None and moving[1] is payload:
-                    del self._moving[key]
-            if deleted and inserted:  # delete() ran while we moved it: don't resurrect it
-                self.tiers[below].remove(key)
-
-    def _write_shared(self, tiers: list[int], key: str, payload: Payload, if_absent: bool) -> None:
-        data = payload if isinstance(payload, bytes) else serialize.to_bytes(key, payload)
-        for i in tiers:
-            tier = self.tiers[i]
-            assert isinstance(tier, SharedTier)
-            if not (if_absent and tier.contains(key)):
-                tier.write_bytes(key, data)
+            if self._transit.done(w) and wrote:
+                tier.remove(key)  # delete() ran while we wrote: don't bring it back
+        for e in evicted:
+            self._dispatch(e)
 
     # --- helpers ----------------------------------------------------------------------
 
-    def _tier_contains(self, i: int, key: str) -> bool:
-        if i in self._memory:
-            with self._lock:
-                return self.tiers[i].contains(key)
-        return self.tiers[i].contains(key)
-
-    def _pinned_locked(self, key: str) -> bool:
-        return self._pins[key] > 0
-
     def _pinned(self, key: str) -> bool:
         with self._lock:
-            return self._pinned_locked(key)
-
-    def _background(self, pool: ThreadPoolExecutor, fn: Callable[..., None], *args: object) -> Future:
-        def run() -> None:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("kvstore background task %s failed", getattr(fn, "__name__", fn))
-
-        future = pool.submit(run)
-        pending = self._pending[pool]
-        with self._lock:
-            pending.add(future)
-        future.add_done_callback(lambda f: self._forget_future(pending, f))
-        return future
-
-    def _forget_future(self, pending: set[Future], future: Future) -> None:
-        with self._lock:
-            pending.discard(future)
-
-    def _drain(self, pool: ThreadPoolExecutor) -> None:
-        """Wait until `pool` has no pending tasks (including ones queued while waiting)."""
-        while True:
-            with self._lock:
-                pending = list(self._pending[pool])
-            if not pending:
-                return
-            wait(pending)
+            return self._pins[key] > 0
 
     def _check_open(self) -> None:
         if self._closed:

@@ -11,7 +11,8 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from types import SimpleNamespace
+from typing import Callable, Iterator, Optional
 
 import pytest
 import redis
@@ -22,8 +23,12 @@ from safetensors.torch import save_file
 from config.settings import Settings
 from kvstore import (ChunkKV, ChunkMissing, ChunkRegistry, LayerPrefetcher, TieredStore, build_store,
                      bytes_per_token_per_layer, check_key, chunk_key)
+from kvstore import serialize
 from kvstore.atomic import TEMP_PREFIX
-from kvstore.tier_base import Tier
+from kvstore.keys import shard_files, shard_path
+from kvstore.lru import LRU
+from kvstore.policy import copy_targets, write_back_targets
+from kvstore.tier_base import OnEvict, Payload, Pinned, Tier
 from kvstore.tier_disk import DiskTier
 from kvstore.tier_memory import MemoryTier
 from kvstore.tier_redis import KEY_PREFIX, RedisTier
@@ -62,18 +67,37 @@ def make_store(tmp_path: Path, cpu: int = 1 << 20, disk: int = 1 << 20, storage:
     return TieredStore(tiers + (extra or []), storage, "cpu", write)  # type: ignore[arg-type]
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def blob_path(tmp_path: Path, key: str, disk_dir: str = "kv") -> Path:
     return tmp_path / disk_dir / key[:2] / f"{key}.safetensors"
 
 
 def from_cpu_then_disk(s: TieredStore, key: str) -> Iterator[ChunkKV]:
     """The chunk as read from the cpu tier, then (dropped from it) as read from the disk tier."""
+    s.flush()  # the disk write lands in the background
     for source in ("cpu", "disk"):
         if source == "disk":
             s.tiers[0].remove(key)
         got = s.get(key)
         assert got is not None and got.tier == source
         yield got
+
+
+def assert_stream_promotes(s: TieredStore, key: str, kv: ChunkKV, tier: str) -> None:
+    """Layers read one by one come from `tier`; once the stream ends the whole chunk is in cpu."""
+    for l in range(L):
+        part = s.get(key, range(l, l + 1))
+        assert part is not None and part.tier == tier
+    s.flush()
+    got = s.get(key)
+    assert got is not None and got.tier == "cpu"
+    assert_close(got, kv)
 
 
 @pytest.fixture
@@ -176,6 +200,7 @@ def test_layer_range_reads(tmp_path: Path) -> None:
     with make_store(tmp_path, cpu=0) as disk_only, make_store(tmp_path, disk=0) as cpu_only:
         for s, tier in ((disk_only, "disk"), (cpu_only, "cpu")):
             s.put(key_of(0), kv)
+            s.flush()  # read from the file, not from the write on its way
             part = s.get(key_of(0), range(1, 3))
             assert part is not None and part.tier == tier and part.first_layer == 1
             assert_close(part, ChunkKV(kv.keys[1:3], kv.values[1:3]))
@@ -226,6 +251,7 @@ def test_corrupt_sensitivity_is_dropped(tmp_path: Path) -> None:
     kv.sensitivity = torch.rand(T)
     with make_store(tmp_path, cpu=0) as s:
         s.put(key_of(0), kv)
+        s.flush()
         path = blob_path(tmp_path, key_of(0))
 
         def damage(tensors: dict, meta: dict) -> None:
@@ -264,13 +290,14 @@ def test_write_back_demotes_on_eviction_and_flushes(tmp_path: Path) -> None:
         for i in range(3):
             s.put(key_of(i), make_kv(i))
         disk = s.tiers[1]
+        wait_until(lambda: disk.contains(key_of(0)))  # the demotion runs on the background writer
         assert [disk.contains(key_of(i)) for i in range(3)] == [True, False, False]  # only the evicted one
         got = s.get(key_of(0))
         assert got is not None and got.tier == "disk"
         assert_close(got, make_kv(0))
         again = s.get(key_of(0))
         assert again is not None and again.tier == "cpu"  # promoted
-        assert disk.contains(key_of(1))  # evicted from cpu by the promotion: demoted
+        wait_until(lambda: disk.contains(key_of(1)))  # evicted from cpu by the promotion: demoted
         s.flush()
         assert all(disk.contains(key_of(i)) for i in range(3))
 
@@ -278,6 +305,7 @@ def test_write_back_demotes_on_eviction_and_flushes(tmp_path: Path) -> None:
 def test_write_through_writes_disk_on_put(tmp_path: Path) -> None:
     with make_store(tmp_path) as s:
         s.put(key_of(0), make_kv(0))
+        s.flush()
         assert blob_path(tmp_path, key_of(0)).is_file()
         assert s.stats()["disk"]["bytes_written"] == blob_path(tmp_path, key_of(0)).stat().st_size
 
@@ -285,11 +313,13 @@ def test_write_through_writes_disk_on_put(tmp_path: Path) -> None:
 def test_disk_eviction_by_bytes(tmp_path: Path) -> None:
     with make_store(tmp_path, cpu=0, disk=1 << 20) as probe:
         probe.put(key_of(99), make_kv(0))
+        probe.flush()
         size = probe.stats()["disk"]["bytes_used"]
         probe.delete(key_of(99))
     with make_store(tmp_path, cpu=0, disk=2 * size) as s:
         for i in range(3):
             s.put(key_of(i), make_kv(i))
+        s.flush()
         assert [blob_path(tmp_path, key_of(i)).exists() for i in range(3)] == [False, True, True]
         disk = s.stats()["disk"]
         assert disk["evictions"] == 1 and disk["entries"] == 2 and disk["bytes_used"] == 2 * size
@@ -299,14 +329,9 @@ def test_layer_stream_from_disk_promotes_whole_chunk(tmp_path: Path) -> None:
     kv = make_kv(5)
     with make_store(tmp_path) as s:
         s.put(key_of(0), kv)
-        s.tiers[0].remove(key_of(0))
-        for l in range(L):
-            part = s.get(key_of(0), range(l, l + 1))
-            assert part is not None and part.tier == "disk"
         s.flush()
-        got = s.get(key_of(0))
-        assert got is not None and got.tier == "cpu"
-        assert_close(got, kv)
+        s.tiers[0].remove(key_of(0))
+        assert_stream_promotes(s, key_of(0), kv, "disk")
 
 
 def test_pinned_keys_are_not_evicted(tmp_path: Path) -> None:
@@ -353,6 +378,7 @@ def test_restart_rebuilds_lru_order_from_mtime(tmp_path: Path) -> None:
     with make_store(tmp_path, cpu=0) as s:
         for i in range(3):
             s.put(key_of(i), make_kv(i))
+        s.flush()
         size = s.stats()["disk"]["bytes_used"] // 3
     for i, mtime in enumerate([3000, 1000, 2000]):  # key 1 is the oldest
         os.utime(blob_path(tmp_path, key_of(i)), (mtime, mtime))
@@ -520,17 +546,6 @@ def test_get_or_compute_failure_reaches_every_waiter(store: TieredStore) -> None
     assert store.get_or_compute(key_of(0), lambda: make_kv(0)).tier == "computed"  # not stuck
 
 
-def test_prefetch_loads_into_cpu(tmp_path: Path) -> None:
-    with make_store(tmp_path) as s:
-        for i in range(3):
-            s.put(key_of(i), make_kv(i))
-    with make_store(tmp_path) as s2:
-        s2.prefetch([key_of(i) for i in range(3)]).result(timeout=10)
-        assert s2.stats()["cpu"]["entries"] == 3
-        got = s2.get(key_of(1))
-        assert got is not None and got.tier == "cpu"
-
-
 # --- Redis -------------------------------------------------------------------------------
 
 def redis_tier(url: str, **kw) -> RedisTier:
@@ -672,13 +687,202 @@ def test_s3_round_trip(tmp_path: Path, aws_env: MotoServer) -> None:
 
 
 def test_s3_unreachable_degrades(tmp_path: Path, aws_env: MotoServer) -> None:
-    from bench.services import free_port
+    from server.launcher import free_port
     dead = f"http://127.0.0.1:{free_port()}"
     with make_store(tmp_path, extra=[S3Tier("kvstore-test", "", dead, timeout_s=0.5)]) as s:
         s.put(key_of(0), make_kv(0))
         s.flush()
         assert s.get(key_of(0)) is not None and s.get(key_of(1)) is None
         assert s.stats()["s3"]["errors"] >= 1
+
+
+# --- one tier interface: new tiers, background writes, failures --------------------------
+
+class DictTier(Tier):
+    """A tier written here, not in kvstore/: a shared "remote" dict of serialized chunks."""
+
+    shared = True
+
+    def __init__(self, blobs: dict[str, bytes], fail: bool = False) -> None:
+        super().__init__("dict", 0)
+        self.blobs = blobs
+        self.fail = fail
+
+    def _read(self, key: str, layers: Optional[range]):
+        data = self.blobs.get(key)
+        return None if data is None else serialize.from_bytes(key, data, layers)
+
+    def contains(self, key: str) -> bool:
+        return key in self.blobs
+
+    def write(self, key: str, payload: Payload, pinned: Pinned, on_evict: Optional[OnEvict]) -> None:
+        if self.fail:
+            raise ConnectionError("remote down")
+        self.blobs[key] = payload.data
+        self.counters.add(bytes_written=len(payload.data))
+
+    def remove(self, key: str) -> bool:
+        return self.blobs.pop(key, None) is not None
+
+
+class GatedDisk(DiskTier):
+    """A disk tier whose writes wait until `gate` is set."""
+
+    def __init__(self, root: Path, capacity: int) -> None:
+        super().__init__(root, capacity)
+        self.gate = threading.Event()
+        self.writing = threading.Event()
+
+    def write(self, key: str, payload: Payload, pinned: Pinned, on_evict: Optional[OnEvict]) -> None:
+        self.writing.set()
+        assert self.gate.wait(10)
+        super().write(key, payload, pinned, on_evict)
+
+
+def test_a_new_tier_class_plugs_in(tmp_path: Path) -> None:
+    shared: dict[str, bytes] = {}
+    kv = make_kv(11)
+    with make_store(tmp_path, disk_dir="a", extra=[DictTier(shared)]) as a:
+        a.put(key_of(0), kv)
+        a.flush()
+        assert key_of(0) in shared and a.stats()["dict"]["bytes_written"] == len(shared[key_of(0)])
+    with make_store(tmp_path, disk_dir="b", extra=[DictTier(shared)]) as b:
+        assert_stream_promotes(b, key_of(0), kv, "dict")
+        assert blob_path(tmp_path, key_of(0), "b").is_file()  # promoted into the disk too
+        assert b.delete(key_of(0)) and not shared
+
+
+def test_two_disk_tiers_promote_and_demote_across(tmp_path: Path) -> None:
+    ssd = DiskTier(tmp_path / "ssd", FP16_CHUNK + 2000, name="ssd")  # one chunk file
+    nfs = DiskTier(tmp_path / "nfs", 1 << 20, name="nfs")
+    with TieredStore([MemoryTier("cpu", FP16_CHUNK, torch.device("cpu")), ssd, nfs]) as s:
+        s.put(key_of(0), make_kv(0))
+        s.put(key_of(1), make_kv(1))  # cpu and ssd hold one chunk: key 0 moves down to nfs
+        s.flush()
+        assert [ssd.contains(key_of(i)) for i in range(2)] == [False, True]
+        assert [nfs.contains(key_of(i)) for i in range(2)] == [True, False]  # only by demotion
+        got = s.get(key_of(0))
+        assert got is not None and got.tier == "nfs"
+        assert_close(got, make_kv(0))
+        s.flush()
+        again = s.get(key_of(0))
+        assert again is not None and again.tier == "cpu"  # promoted into cpu and ssd
+        assert ssd.contains(key_of(0)) and nfs.contains(key_of(1))  # key 1 moved down in turn
+        assert list(s.stats()) == ["cpu", "ssd", "nfs"]
+        assert s.stats()["ssd"]["evictions"] == 2 and s.stats()["nfs"]["hits"] == 1
+
+
+@pytest.mark.parametrize("cpu", [1 << 20, 0])
+def test_put_returns_before_the_disk_write_lands(tmp_path: Path, cpu: int) -> None:
+    disk = GatedDisk(tmp_path / "kv", 1 << 20)
+    tiers: list[Tier] = [MemoryTier("cpu", cpu, torch.device("cpu"))] if cpu else []
+    with TieredStore(tiers + [disk]) as s:
+        s.put(key_of(0), make_kv(0))  # returns while the disk write waits on the gate
+        assert disk.writing.wait(10)
+        assert not disk.contains(key_of(0)) and not blob_path(tmp_path, key_of(0)).exists()
+        assert s.contains(key_of(0))
+        got = s.get(key_of(0))
+        assert got is not None and got.tier == ("cpu" if cpu else "disk")
+        assert_close(got, make_kv(0))
+        part = s.get(key_of(0), range(1, 3))
+        assert part is not None and part.first_layer == 1
+        disk.gate.set()
+        s.flush()
+        assert disk.contains(key_of(0)) and blob_path(tmp_path, key_of(0)).is_file()
+
+
+def test_delete_cancels_pending_writes(tmp_path: Path) -> None:
+    disk = GatedDisk(tmp_path / "kv", 1 << 20)
+    with TieredStore([MemoryTier("cpu", 1 << 20, torch.device("cpu")), disk]) as s:
+        s.put(key_of(0), make_kv(0))
+        s.put(key_of(1), make_kv(1))
+        assert disk.writing.wait(10)  # writing key 0; key 1 queued behind it
+        assert s.delete(key_of(1))  # queued: cancelled at once
+        deleting = threading.Thread(target=s.delete, args=(key_of(0),))
+        deleting.start()
+        time.sleep(0.2)
+        assert deleting.is_alive()  # under way: delete waits until the write has undone itself
+        disk.gate.set()
+        deleting.join(10)
+        s.flush()
+        assert not s.contains(key_of(0)) and not s.contains(key_of(1))
+        assert not blob_path(tmp_path, key_of(0)).exists() and not blob_path(tmp_path, key_of(1)).exists()
+
+
+def test_failed_background_write_is_counted_not_raised(tmp_path: Path) -> None:
+    with make_store(tmp_path, extra=[DictTier({}, fail=True)]) as s:
+        s.put(key_of(0), make_kv(0))
+        s.flush()
+        assert s.stats()["dict"]["errors"] == 1
+        got = s.get(key_of(0))
+        assert got is not None and got.tier == "cpu"
+
+
+def test_failed_disk_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(fd: int) -> None:
+        raise OSError(5, "I/O error")
+
+    with make_store(tmp_path, cpu=0) as s:
+        monkeypatch.setattr(os, "fsync", fail)  # the blob is written, then its fsync fails
+        s.put(key_of(0), make_kv(0))
+        s.flush()
+        monkeypatch.undo()
+        assert s.stats()["disk"]["errors"] == 1 and s.stats()["disk"]["entries"] == 0
+        assert not [p for p in (tmp_path / "kv").rglob("*") if p.is_file()]  # not even a temp file
+        assert s.get(key_of(0)) is None  # it was only on its way: lost, never served half
+        s.put(key_of(0), make_kv(0))
+        s.flush()
+        assert s.get(key_of(0)) is not None
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def test_lru_evicts_least_recent_unpinned_to_fit() -> None:
+    lru: LRU[str] = LRU(10)
+    for key, size in (("a", 4), ("b", 3), ("c", 3)):
+        lru.add(key, size)
+    assert lru.used == 10 and lru.evict() == []
+    lru.touch("a")  # order now b, c, a
+    lru.add("d", 4)  # 4 bytes over
+    assert lru.evict(keep="d", pinned=lambda k: k == "b") == ["c", "a"]
+    assert lru.used == 7 and "b" in lru and len(lru) == 2
+    lru.add("b", 9)  # a rewrite replaces its size and makes it the most recent
+    assert lru.used == 13 and lru.evict(keep="b") == ["d"] and lru.used == 9
+    over: LRU[int] = LRU(5)
+    over.add(1, 6)
+    assert over.evict(keep=1) == [] and over.used == 6  # what may not go stays, over capacity
+    assert lru.remove("b") and not lru.remove("b") and lru.used == 0
+
+
+def test_copy_targets_follow_tier_traits() -> None:
+    def tier(volatile: bool = False, shared: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(volatile=volatile, shared=shared)
+
+    device, cpu, disk, disk2, redis_ = tier(True), tier(True), tier(), tier(), tier(shared=True)
+    tiers = [device, cpu, disk, disk2, redis_]
+    assert copy_targets(tiers, 5, True, put=True) == [0, 2, 4]  # top, the first disk, shared
+    assert copy_targets(tiers, 5, False, put=True) == [0, 4]
+    assert copy_targets(tiers, 4, True, put=False) == [0, 1, 2]  # found in redis
+    assert copy_targets(tiers, 4, False, put=False) == [0, 1]
+    assert copy_targets(tiers, 2, True, put=False) == [0, 1]  # found on the first disk
+    assert copy_targets(tiers, 0, True, put=False) == []
+    assert copy_targets([disk, disk2], 2, False, put=True) == [0]  # the top tier in any mode
+    assert write_back_targets(tiers) == [2]
+    assert write_back_targets([disk, redis_]) == [] and write_back_targets([cpu, redis_]) == []
+
+
+def test_disk_tier_and_registry_share_the_file_layout(tmp_path: Path) -> None:
+    k = key_of(0)
+    assert shard_path(tmp_path, k, ".x") == tmp_path / k[:2] / f"{k}.x"
+    with pytest.raises(ValueError):
+        shard_path(tmp_path, "../" + k[3:], ".x")
+    for path in (shard_path(tmp_path, k, ".x"), tmp_path / "zz" / f"{k}.x", tmp_path / k[:2] / "other.x"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"")
+    assert list(shard_files(tmp_path, ".x")) == [(k, shard_path(tmp_path, k, ".x"))]
+    assert DiskTier(tmp_path / "kv", 1 << 20).path(k) == shard_path(tmp_path / "kv", k, ".safetensors")
+    ChunkRegistry(tmp_path / "chunks").add(k, "text", [1])
+    assert shard_path(tmp_path / "chunks", k, ".json").is_file()
 
 
 # --- factory -------------------------------------------------------------------------------
@@ -689,6 +893,7 @@ def test_build_store_from_settings(tmp_path: Path, redis_url: str) -> None:
     with build_store(settings, torch.device("cpu")) as s:
         assert [t.name for t in s.tiers] == ["cpu", "disk", "redis"]
         s.put(key_of(0), make_kv(0))
+        s.flush()
         assert (tmp_path / "kv" / key_of(0)[:2] / f"{key_of(0)}.safetensors").is_file()
         assert set(s.stats()["disk"]) == {"hits", "misses", "bytes_read", "bytes_written", "evictions", "corrupt",
                                           "errors", "load_seconds", "bytes_used", "capacity", "entries"}
@@ -758,6 +963,25 @@ def test_registry_survives_redis_failure(tmp_path: Path) -> None:
         reg.close()
 
 
+@needs_redis
+def test_registry_publishes_local_records_to_a_fresh_or_restarted_redis(tmp_path: Path) -> None:
+    local = ChunkRegistry(tmp_path / "chunks")  # registered before Redis was configured
+    local.add(key_of(0), "local", [1])
+    with start_redis() as server:
+        reg = ChunkRegistry(tmp_path / "chunks", server.url, retry_after_s=0.0)
+        other = ChunkRegistry(tmp_path / "other", server.url)
+        assert [r["text"] for r in other.list(limit=5)] == []  # nothing has reached Redis yet
+        assert [r["text"] for r in reg.list(limit=5)] == ["local"]  # listing publishes first
+        assert [r["text"] for r in other.list(limit=5)] == ["local"]
+        server.kill()
+        reg.add(key_of(1), "while down", [2])
+        server.restart()  # back, and empty
+        reg.add(key_of(2), "after", [3])
+        assert sorted(r["text"] for r in other.list(limit=5)) == ["after", "local", "while down"]
+        reg.close()
+        other.close()
+
+
 # --- layer prefetcher -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layers_per_fetch", [1, 3])
@@ -782,6 +1006,7 @@ def test_layer_prefetcher_missing_chunk(tmp_path: Path) -> None:
     with make_store(tmp_path, cpu=0) as s:
         s.put(key_of(0), make_kv(0))
         s.put(key_of(1), make_kv(1))
+        s.flush()
 
         def edit(tensors: dict, meta: dict) -> None:
             tensors["v.2"] = tensors["v.2"] + 1  # checksum in the header no longer matches
