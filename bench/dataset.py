@@ -23,10 +23,11 @@ import json
 import random
 import re
 import string
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+from engine.quality import token_f1 as bag_f1
 
 DEFAULT_DATASET = Path("../shared/data/musique_s.json")
 
@@ -73,6 +74,42 @@ def select(records: Sequence[Record], limit: Optional[int] = None, seed: Optiona
     if shuffle:
         random.Random(seed).shuffle(records)
     return records[:limit] if limit is not None else records
+
+
+# The evaluation protocol (BENCHMARKS.md): design on the dev split (questions 0-49), report on
+# the report split (50-129), and never run these, so that one untouched set is left.
+RESERVED = range(130, 150)
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'50-129' -> (50, 129), both ends included; '7' -> (7, 7)."""
+    first, sep, last = text.partition("-")
+    try:
+        a, b = int(first), int(last) if sep else int(first)
+    except ValueError:
+        raise ValueError(f"expected a question range like 50-129, got {text!r}") from None
+    if a < 0 or b < a:
+        raise ValueError(f"empty or negative question range {text!r}")
+    return a, b
+
+
+def select_questions(records: Sequence[Record], first: int = 0, last: Optional[int] = None, limit: Optional[int] = None,
+                     seed: Optional[int] = None, shuffle: bool = False, allow_reserved: bool = False) -> list[Record]:
+    """The records with index in [first, last], then `select(limit, seed, shuffle)` among them.
+
+    Unless `allow_reserved`, a range that names a reserved question is refused, and an open
+    range (`last` None) that starts before them stops before them.
+    """
+    if last is None:
+        last = len(records) - 1
+        if not allow_reserved and first < RESERVED.start:
+            last = min(last, RESERVED.start - 1)
+    hit = [i for i in RESERVED if first <= i <= last]
+    if hit and not allow_reserved:
+        raise ValueError(f"questions {RESERVED.start}-{RESERVED.stop - 1} are reserved by the evaluation protocol "
+                         f"(BENCHMARKS.md) and never run; the range {first}-{last} includes {len(hit)} of them "
+                         "(--allow-reserved overrides)")
+    return select([r for r in records if first <= r.index <= last], limit, seed, shuffle)
 
 
 def truncate(record: Record, max_chars: Optional[int]) -> Record:
@@ -141,14 +178,7 @@ def normalize_answer(s: str) -> str:
 
 def token_f1(prediction: str, reference: str) -> float:
     """Word-level F1 of two answers after normalisation (both empty: 1; one empty: 0)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return bag_f1(normalize_answer(prediction).split(), normalize_answer(reference).split())
 
 
 def best_f1(prediction: str, answers: Sequence[str]) -> float:

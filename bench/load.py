@@ -25,6 +25,7 @@ from typing import Optional
 import httpx
 
 from bench.dataset import DEFAULT_DATASET, PREFIX, chunk_texts, load, messages_for
+from bench.stats import percentile
 
 MODES = ("full_prefill", "cacheblend")
 
@@ -44,17 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                    help="extra `cacheblend serve` flag for a server started here, e.g. --server-flag=--device=cuda")
     p.set_defaults(func=run)
-
-
-def percentile(values: list[float], q: float) -> Optional[float]:
-    """The q-quantile (0..1) by linear interpolation; None for no values."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 async def _register_chunks(client: httpx.AsyncClient, texts: list[str]) -> list[str]:
@@ -118,9 +108,9 @@ def summarize(mode: str, results: list[dict], wall_s: float) -> dict:
         "ok": len(ok),
         "errors": len(results) - len(ok),
         "wall_s": wall_s,
-        "ttft_p50_s": percentile(ttft, 0.5),
-        "ttft_p95_s": percentile(ttft, 0.95),
-        "server_ttft_p50_s": percentile(server_ttft, 0.5),
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p95_s": percentile(ttft, 95),
+        "server_ttft_p50_s": percentile(server_ttft, 50),
         "requests_per_s": len(ok) / wall_s if wall_s > 0 else None,
         "output_tokens_per_s": output_tokens / wall_s if wall_s > 0 else None,
         "prompt_tokens_mean": statistics.mean(r["prompt_tokens"] for r in ok) if ok else None,

@@ -31,6 +31,23 @@ def _hlines(ax, baselines: dict[str, dict], metric: str) -> None:
         ax.axhline(value, color=color, linestyle=style, label=mode)
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)  # figures are not freed otherwise (pyplot keeps them for display)
+    return path
+
+
+def _time_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, a y axis from 0, grid and legend: the TTFT plots' common frame."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+
+
 def quality_vs_ratio(rows: list[dict], path: Path, title: str = "") -> Path:
     cb, base = _cacheblend(rows), _baselines(rows)
     base.pop("prefix_cache", None)  # exact reuse: same quality as full_prefill, only clutters
@@ -46,10 +63,7 @@ def quality_vs_ratio(rows: list[dict], path: Path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle(title or "Quality vs recompute ratio")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def ttft_vs_ratio(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -60,16 +74,8 @@ def ttft_vs_ratio(rows: list[dict], path: Path, title: str = "") -> Path:
     if any(r.get("ttft_p95_s") is not None for r in cb):
         ax.plot(xs, [r["ttft_p95_s"] for r in cb], "x:", color=MODE_COLORS["cacheblend"], alpha=0.6, label="cacheblend (p95)")
     _hlines(ax, base, "ttft_median_s")
-    ax.set_xlabel("recompute ratio")
-    ax.set_ylabel("TTFT (s)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "TTFT vs recompute ratio")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _time_axes(ax, "recompute ratio", "TTFT (s)", title or "TTFT vs recompute ratio")
+    return _save(fig, path)
 
 
 def ttft_vs_context(rows: list[dict], path: Path, title: str = "") -> Path:
@@ -78,16 +84,8 @@ def ttft_vs_context(rows: list[dict], path: Path, title: str = "") -> Path:
         pts = sorted((r for r in rows if r["label"] == label), key=lambda r: r["context_tokens"])
         ax.plot([r["context_tokens"] for r in pts], [r["ttft_median_s"] for r in pts], "o-",
                 color=MODE_COLORS.get(pts[0]["mode"]), label=label)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel("TTFT median (s)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title or "TTFT vs context length")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _time_axes(ax, "prompt tokens", "TTFT median (s)", title or "TTFT vs context length")
+    return _save(fig, path)
 
 
 def variants_bar(rows: list[dict], path: Path, reference: Optional[dict] = None) -> Path:
@@ -104,10 +102,7 @@ def variants_bar(rows: list[dict], path: Path, reference: Optional[dict] = None)
         ax.tick_params(axis="x", rotation=30)
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle("CacheBlend variants")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def tune_plot(rows: list[dict], path: Path, chosen: Optional[float] = None, metric: str = "top1_agreement") -> Path:
@@ -135,10 +130,7 @@ def tune_plot(rows: list[dict], path: Path, chosen: Optional[float] = None, metr
     labels = [lab for a in fig.axes for lab in a.get_legend_handles_labels()[1]]
     ax.legend(handles, labels, fontsize=8, loc="center right")
     ax.set_title("Quality and TTFT vs recompute ratio")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def eval_plots(rows: list[dict], context_rows: list[dict], variant_rows: list[dict], folder: Path) -> list[Path]:

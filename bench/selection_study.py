@@ -13,45 +13,33 @@ Predictors:
   which layers' deviation a predictor should aim at;
 - pooled_oracle: the value pool, then oracle_L5-8 (what sensitivity approximates).
 
-Oracle and pooled runs choose their tokens through a fixed ranking handed to the engine's
-selection step (`fixed_ranking`); the prefill is otherwise the engine's own.
+Oracle and pooled runs hand their ranking to the prefill (`token_scores`: the check layer ranks
+its candidates by it instead of the KV deviation); the prefill is otherwise the engine's own.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
-import engine.blend as blend_mod
 from bench import dataset as ds
-from bench.eval import Harness, eval_settings, kl_divergence
+from bench.eval import add_question_args, select_records
+from bench.eval_harness import Harness, eval_settings
 from config import add_settings_flags
+from engine.quality import first_token_kl
 from engine.request import BlendParams
 from engine.segments import spans
-from engine.selection import num_selected, select_hkvd, sensitivity_layers
+from engine.selection import num_selected, sensitivity_layers
+
+if TYPE_CHECKING:
+    from engine.llm_engine import LLMEngine
 
 WINDOWS = [(1, 1), (2, 4), (5, 8), (9, 14), (15, 29)]
-
-
-@contextlib.contextmanager
-def fixed_ranking(scores: torch.Tensor) -> Iterator[None]:
-    """Make the check layer keep the top tokens of `scores` ([n chunk tokens], chunk order).
-
-    With one check layer at full candidate set, the candidates are exactly the chunk tokens in
-    order, so the engine's deviation is replaced by `scores` and everything else is unchanged.
-    """
-    original = blend_mod.select_hkvd
-    blend_mod.select_hkvd = lambda deviation, k: select_hkvd(scores.to(deviation.device), k)
-    try:
-        yield
-    finally:
-        blend_mod.select_hkvd = original
 
 
 def study(engine: LLMEngine, records: list[ds.Record], passages: int, ratio: float) -> dict[str, list[float]]:
@@ -70,20 +58,24 @@ def study(engine: LLMEngine, records: list[ds.Record], passages: int, ratio: flo
         dev = (full.cache.v[:, :, pos].float() - cached_v).pow(2).sum(dim=(1, 3))  # [L, n]
         dev = dev / dev.mean(dim=1, keepdim=True).clamp_min(1e-12)
 
-        def kl(params: BlendParams) -> float:
+        def kl(params: BlendParams, chunk_scores: Optional[torch.Tensor] = None) -> float:
+            """KL against full prefill; `chunk_scores` [n] (chunk tokens in order): the ranking to keep by."""
+            scores = None
+            if chunk_scores is not None:
+                scores = torch.full((full.cache.length,), float("-inf"))  # [N]: only chunk positions are candidates
+                scores[pos] = chunk_scores
             engine.prefix_cache.clear()
-            return kl_divergence(full.logits, engine.prefill(segs, params, remember=False).result.logits)
+            out = engine.prefill(segs, params, remember=False, token_scores=scores).result
+            return first_token_kl(full.logits, out.logits)
 
         row = {"full_reuse": kl(BlendParams(mode="full_reuse")), "value": kl(value_only),
                "sensitivity": kl(BlendParams(mode="cacheblend", recompute_ratio=ratio, selection_signal="sensitivity",
                                              check_layers=[1]))}
         for a, b in windows:
-            with fixed_ranking(dev[a:b + 1].sum(0)):
-                row[f"oracle_L{a}-{b}"] = kl(value_only)
+            row[f"oracle_L{a}-{b}"] = kl(value_only, dev[a:b + 1].sum(0))
         pool = torch.zeros(pos.numel(), dtype=torch.bool)
         pool[torch.topk(dev[1], num_selected(engine.settings.sensitivity_pool, pos.numel())).indices] = True
-        with fixed_ranking(torch.where(pool, dev[s.start:s.stop].sum(0), float("-inf"))):
-            row["pooled_oracle"] = kl(value_only)
+        row["pooled_oracle"] = kl(value_only, torch.where(pool, dev[s.start:s.stop].sum(0), float("-inf")))
         for name, value in row.items():
             out.setdefault(name, []).append(value)
         print(f"q{rec.index}: " + " ".join(f"{k}={v:.4f}" for k, v in row.items()), flush=True)
@@ -100,8 +92,8 @@ def summarize(results: dict[str, list[float]]) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> None:
+    records = select_records(args)
     engine = Harness(eval_settings(args)).default
-    records = ds.select(ds.load(args.dataset))[args.start:args.start + args.limit]
     rows = summarize(study(engine, records, args.passages, args.ratio))
     print(f"\n{'predictor':<16} {'KL':>8} {'vs reuse':>8} {'below':>6}")
     for r in rows:
@@ -114,9 +106,7 @@ def run(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("selection", help="research: which tokens to recompute (oracle deviations against the signals)")
-    p.add_argument("--dataset", type=Path, default=ds.DEFAULT_DATASET)
-    p.add_argument("--start", type=int, default=0, help="first question index")
-    p.add_argument("--limit", type=int, default=16)
+    add_question_args(p, limit=16)
     p.add_argument("--passages", type=int, default=4)
     p.add_argument("--ratio", type=float, default=0.15)
     p.add_argument("--json", type=Path, default=None)

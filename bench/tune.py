@@ -1,6 +1,6 @@
 """`cacheblend tune`: pick the smallest recompute ratio whose quality is within a tolerance of the best.
 
-Runs the eval machinery (bench/eval.py: same prompts, same prefix-cache policy, same TTFT
+Runs the eval machinery (bench/eval_harness.py: same prompts, same prefix-cache policy, same TTFT
 timing) over a ratio sweep, with full_prefill as the reference and full_reuse for context.
 Quality per ratio: first-token KL(full_prefill || cacheblend), top-1 agreement of the first
 token and, with `--max-new-tokens` > 0, answer agreement / F1 (greedy answers).
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from bench import eval as ev
+from bench.eval_report import format_table
+from bench.eval_variants import make_plan
 
 DEFAULT_RATIOS = "0.02,0.05,0.1,0.15,0.2,0.3,0.5,1.0"
 METRICS = {"top1_agreement": True, "kl_first_token": False, "agreement_f1": True, "f1": True}  # higher is better?
@@ -60,15 +62,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--metric {args.metric} needs answers: pass --max-new-tokens (e.g. 32)")
     harness, records = ev.setup(args)
     try:
-        plan = ev.make_plan(harness, ["full_reuse"], ev.parse_floats(args.ratios), [], 0.15)
+        plan = make_plan(harness, ["full_reuse"], ev.parse_floats(args.ratios), [], 0.15)
         t0 = time.perf_counter()
-        res = ev.evaluate(harness, records, plan, num_passages=args.passages, max_new_tokens=args.max_new_tokens,
-                          warm=args.warm_prefix, progress=not args.no_progress)
-        rows, _ = ev.summarize(plan, res["per_spec"])
+        rows, _, questions = ev.run_plan(harness, records, plan, args)
         chosen, best = choose(rows, args.metric, args.tolerance)
         print(f"{len(records)} questions, {rows[0]['prompt_tokens']:.0f} prompt tokens on average, "
               f"{time.perf_counter() - t0:.0f} s")
-        print(ev.format_table(rows))
+        print(format_table(rows))
         if chosen is None:
             print("no cacheblend ratio measured", file=sys.stderr)
             return 1
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"config": ev.config_of(args, harness), "rows": rows, "chosen_ratio": chosen,
                                              "metric": args.metric, "best": best, "tolerance": args.tolerance,
-                                             "questions": res["questions"]}, indent=2, default=str))
+                                             "questions": questions}, indent=2, default=str))
         if args.plot:
             from bench import plots
             args.plot.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
+from typing import Hashable, Optional, Sequence
 
 import torch
 
@@ -31,14 +31,17 @@ class QualitySample:
 
 
 def first_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    """KL(reference || served) of the next-token distributions; logits: [V]."""
-    p = torch.log_softmax(reference_logits.float(), -1)
-    q = torch.log_softmax(logits.float(), -1)
-    return float((p.exp() * (p - q)).sum().clamp_min(0.0))
+    """KL(softmax(reference) || softmax(logits)) in nats; logits: [V]. The one KL of the project
+    (serving, eval, tests). Float64, because near-identical distributions (ratio 1.0, prefix
+    reuse) give KLs of 1e-7 that float32 rounding turns into noise or negatives; clamped at 0."""
+    p = torch.log_softmax(reference_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return max(0.0, float((p.exp() * (p - q)).sum()))
 
 
-def token_f1(a: list[int], b: list[int]) -> float:
-    """Bag-of-tokens F1 between two token-ID sequences (1.0 when both are empty)."""
+def token_f1(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
+    """Bag-of-tokens F1 between two sequences: token IDs here, normalised words in the eval
+    (1.0 when both are empty, 0.0 when one is)."""
     if not a and not b:
         return 1.0
     common = sum((Counter(a) & Counter(b)).values())

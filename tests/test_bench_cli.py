@@ -37,19 +37,19 @@ def test_bench_selection_compares_predictors_on_one_question(tmp_path, capsys):
     assert "pooled_oracle" in capsys.readouterr().out
 
 
-def test_fixed_ranking_decides_what_the_check_layer_keeps(engine):
+def test_token_scores_decide_what_the_check_layer_keeps(engine):
+    """The selection study's hook: caller-given scores replace the KV deviation at the check layer."""
     import torch
 
-    from bench.selection_study import fixed_ranking
     from conftest import PASSAGES, QUESTION
     from engine.request import BlendParams
 
     chunks = [engine.chunk_from_text(p) for p in PASSAGES]
     segs = engine.chat_segments([{"role": "user", "content": QUESTION}], chunks)
-    n = sum(len(c) for c in chunks)
-    scores = torch.arange(n, dtype=torch.float32).flip(0)  # favours the earliest chunk tokens
+    N, n = sum(len(s) for s in segs), sum(len(c) for c in chunks)
+    scores = torch.arange(N, dtype=torch.float32).flip(0)  # favours the earliest chunk tokens
     engine.prefix_cache.clear()
-    with fixed_ranking(scores):
-        st = engine.prefill(segs, BlendParams(mode="cacheblend", recompute_ratio=0.1, selection_signal="value")).result.stats
+    blend = BlendParams(mode="cacheblend", recompute_ratio=0.1, selection_signal="sensitivity")  # scores win over any signal
+    st = engine.prefill(segs, blend, token_scores=scores).result.stats
     k = -(-n // 10)
     assert st.selected[1] == st.candidates[1][:k]

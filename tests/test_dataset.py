@@ -104,6 +104,34 @@ def test_load_and_select(tmp_path):
     assert len(set(a)) == 3
 
 
+@pytest.mark.parametrize("text, pair", [("50-129", (50, 129)), ("7", (7, 7)), ("0-0", (0, 0))])
+def test_parse_range(text, pair):
+    assert ds.parse_range(text) == pair
+
+
+@pytest.mark.parametrize("text", ["9-3", "a-b", "-4", "1-", ""])
+def test_parse_range_rejects(text):
+    with pytest.raises(ValueError):
+        ds.parse_range(text)
+
+
+def test_select_questions_splits_and_reserved():
+    recs = [ds.Record(i, f"q{i}", ("a",), ("p",)) for i in range(150)]
+    idx = lambda **kw: [r.index for r in ds.select_questions(recs, **kw)]  # noqa: E731
+    assert idx(first=50, last=129) == list(range(50, 130))                 # the report split
+    assert idx(first=50, last=129, limit=3) == [50, 51, 52]
+    drawn = idx(first=0, last=49, limit=5, seed=1, shuffle=True)
+    assert len(set(drawn)) == 5 and all(i < 50 for i in drawn)
+    assert idx() == list(range(130))                                       # an open range stops before the reserved ones
+    assert idx(first=120, limit=20) == list(range(120, 130))
+    assert max(idx(limit=150, seed=0, shuffle=True)) < 130                 # nor can a random draw reach them
+    for kw in ({"first": 120, "last": 135}, {"first": 140}, {"first": 149, "last": 149}):
+        with pytest.raises(ValueError, match="reserved"):
+            ds.select_questions(recs, **kw)
+    assert idx(first=140, allow_reserved=True) == list(range(140, 150))
+    assert idx(allow_reserved=True) == list(range(150))
+
+
 @pytest.mark.skipif(not DATA.is_file(), reason="../shared/data/musique_s.json not present")
 def test_real_dataset_shape():
     recs = ds.load(DATA)

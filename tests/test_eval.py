@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import eval as ev
-from bench import tune
+from bench import stats, tune
+from bench.eval_variants import parse_variant, parse_variants
 from cacheblend.cli import main as cli_main
+from engine.quality import first_token_kl
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "musique_s.json"
 needs_data = pytest.mark.skipif(not DATA.is_file(), reason="../shared/data/musique_s.json not present")
@@ -36,11 +37,11 @@ def assert_png(path: Path) -> None:
 @needs_data
 def test_eval_end_to_end(tmp_path, capsys):
     out, plots = tmp_path / "eval.json", tmp_path / "plots"
-    rc = cli_main(["eval"] + SMALL + ["--ratios", "0.15,1.0", "--variants", "default,head2,prefix_ctx,random_sel", "--context-points", "1,2",
-                          "--context-questions", "1", "--json", str(out), "--plots", str(plots)])
+    rc = cli_main(["eval"] + SMALL + ["--questions", "50-51", "--ratios", "0.15,1.0", "--variants", "default,head2,prefix_ctx,random_sel",
+                                      "--context-points", "1,2", "--context-questions", "1", "--json", str(out), "--plots", str(plots)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "cacheblend@0.15" in printed and "variants" in printed
+    assert "cacheblend@0.15" in printed and "variants" in printed and "bootstrap interval" in printed
 
     res = json.loads(out.read_text())
     rows = {r["label"]: r for r in res["rows"]}
@@ -61,6 +62,20 @@ def test_eval_end_to_end(tmp_path, capsys):
     assert full_r["top1_agreement"] == 1 and full_r["exact_match"] == 1 and full_r["same_answer"] == 1
     for q in res["questions"]:
         assert q["results"]["cacheblend@1"]["answer"] == q["results"]["full_prefill"]["answer"]
+    assert [q["index"] for q in res["questions"]] == [50, 51]
+    # every table value can be recomputed from the per-question rows
+    per_q = lambda label, key: [q["results"][label][key] for q in res["questions"]]  # noqa: E731
+    for label, r in rows.items():
+        for key in ("f1", "agreement_f1", "exact_match", "kl_first_token", "kl_below_full_reuse", "top1_agreement"):
+            assert r[key] == pytest.approx(stats.mean(per_q(label, key)))
+        assert r["ttft_median_s"] == pytest.approx(stats.percentile(per_q(label, "ttft_s"), 50))
+    blend = rows["cacheblend@0.15"]
+    assert blend["kl_vs_full_reuse"] == pytest.approx(sum(per_q("cacheblend@0.15", "kl_first_token")) /
+                                                      sum(per_q("full_reuse", "kl_first_token")))
+    lo, hi = blend["ci95"]["kl_vs_full_reuse"]
+    assert lo <= blend["kl_vs_full_reuse"] <= hi
+    assert set(blend["ci95"]) == {"kl_vs_full_reuse", "kl_below_full_reuse", "agreement_f1", "exact_match", "top1_agreement"}
+    assert rows["full_reuse"]["kl_vs_full_reuse"] == 1.0
     # fewer tokens recomputed at a lower ratio; full_reuse recomputes only prefix/suffix
     assert rows["full_reuse"]["tokens_recomputed"] < rows["cacheblend@0.15"]["tokens_recomputed"] < rows["full_prefill"]["tokens_recomputed"]
     assert rows["cacheblend@1"]["tokens_recomputed"] == rows["full_prefill"]["tokens_recomputed"]
@@ -82,6 +97,13 @@ def test_eval_end_to_end(tmp_path, capsys):
     assert names == ["quality_vs_ratio.png", "ttft_vs_context.png", "ttft_vs_ratio.png", "variants.png"]
     for p in plots.iterdir():
         assert_png(p)
+
+
+@needs_data
+@pytest.mark.parametrize("flags", [["--questions", "120-135"], ["--start", "140", "--limit", "2"]])
+def test_eval_refuses_reserved_questions(flags):
+    with pytest.raises(SystemExit, match="reserved"):
+        cli_main(["eval", "--dataset", str(DATA)] + flags)
 
 
 @needs_data
@@ -109,18 +131,42 @@ def test_choose_smallest_within_tolerance():
     assert tune.choose([], "kl_first_token", 0.1) == (None, None)
 
 
-def test_kl_and_percentile():
+def test_kl_is_float64_and_clamped():
     a = torch.tensor([2.0, 1.0, 0.0])
-    assert ev.kl_divergence(a, a) == 0.0
+    assert first_token_kl(a, a) == 0.0
     p = torch.softmax(a.double(), -1)
     q = torch.softmax(torch.tensor([0.0, 1.0, 2.0]).double(), -1)
-    assert ev.kl_divergence(a, torch.tensor([0.0, 1.0, 2.0])) == pytest.approx(float((p * (p / q).log()).sum()))
-    assert ev.percentile([1, 2, 3, 4, 5], 50) == 3
-    assert ev.percentile([1.0, 2.0], 95) == pytest.approx(1.95)
+    assert first_token_kl(a, torch.tensor([0.0, 1.0, 2.0])) == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-12)
+    # a tiny difference float32 would round to noise (or below 0): float64 resolves it
+    assert 0 < first_token_kl(a, a + torch.tensor([1e-4, 0.0, 0.0])) < 1e-8
+
+
+def test_percentile_takes_q_in_0_to_100():
+    assert stats.percentile([1, 2, 3, 4, 5], 50) == 3
+    assert stats.percentile([1.0, 2.0], 95) == pytest.approx(1.95)
+    assert stats.percentile([3.0, 1.0, 2.0], 0) == 1 and stats.percentile([3.0, 1.0, 2.0], 100) == 3
+    assert stats.percentile([], 50) is None
+
+
+def test_mean_skips_missing_values():
+    assert stats.mean([True, False, None, True]) == pytest.approx(2 / 3)
+    assert stats.mean([None]) is None
+
+
+def test_bootstrap_intervals_are_seeded_and_paired():
+    xs = [0.0, 1.0] * 20
+    lo, hi = stats.mean_interval(xs)
+    assert lo < 0.5 < hi and (lo, hi) == stats.mean_interval(xs)  # fixed seed: the same interval every time
+    assert stats.mean_interval([0.7] * 10) == (pytest.approx(0.7), pytest.approx(0.7))
+    assert stats.mean_interval([]) is None
+    # paired: a numerator that is always half its denominator has ratio 0.5 in every resample
+    den = [0.1, 2.0, 0.5, 3.0, 0.2]
+    assert stats.ratio_interval([d / 2 for d in den], den) == (pytest.approx(0.5), pytest.approx(0.5))
+    assert stats.ratio_interval([1.0], [0.0]) is None
 
 
 def test_parse_variants():
-    vs = ev.parse_variants("all", num_layers=30)
+    vs = parse_variants("all", num_layers=30)
     assert [v.name for v in vs] == ["default", "head4", "prefix_ctx", "gradual", "value_signal", "key_signal", "check0",
                                     "check2", "check3", "random_sel"]
     by = {v.name: v for v in vs}
@@ -133,9 +179,9 @@ def test_parse_variants():
     assert by["default"].engine_key == "default" and by["head4"].engine_key != "default"
     assert by["random_sel"].spec(0.15).selection_signal == "random"
     assert by["value_signal"].spec(0.15).selection_signal == "value" and by["value_signal"].engine_key == "default"
-    sens = ev.parse_variant("sensitivity_signal", 30)
+    sens = parse_variant("sensitivity_signal", 30)
     assert sens.spec(0.15).selection_signal == "sensitivity" and sens.engine_overrides == {"selection_signal": "sensitivity"}
     with pytest.raises(ValueError, match="unknown variant"):
-        ev.parse_variant("bogus", 30)
+        parse_variant("bogus", 30)
     with pytest.raises(ValueError):
-        ev.parse_variant("check40", 30)
+        parse_variant("check40", 30)
