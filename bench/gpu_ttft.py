@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     # chunk KV: precomputed once (not timed), then kept in each tier
     t0 = time.perf_counter()
     for seg in chunks:
-        kv = engine.compute_chunk_kv(seg)
+        kv = engine.prefiller.compute_chunk_kv(seg)
         for store in stores.values():
             store.put(seg.chunk_key, kv)
         del kv

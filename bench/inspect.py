@@ -9,6 +9,7 @@ per-token KV deviation at each check layer with the selection threshold marked.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from bench.dataset import PREFIX, load, suffix_for
 from config import add_settings_flags, load_settings
 from engine.llm_engine import LLMEngine
-from engine.request import BlendParams, Request
+from engine.request import BlendParams
 from engine.sampling import SamplingParams
 
 
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         engine.ensure_chunk(c)
     stats = engine.prefill(segments, BlendParams(mode="cacheblend")).result.stats
     engine.prefix_cache.clear()
-    answer = engine.generate([Request("inspect", segments, SamplingParams(max_tokens=24, temperature=0), BlendParams(mode="cacheblend"))])["inspect"]
+    request = engine.make_request("inspect", segments, SamplingParams(max_tokens=24, temperature=0), BlendParams(mode="cacheblend"))
+    answer = engine.generate([request])["inspect"]
 
     print(f"prompt: {stats.num_tokens} tokens, {stats.cached_tokens} chunk tokens in {len(chunks)} chunks")
     for layer, selected in stats.selected.items():
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  skipped deviation   {deviation[~chosen].min():.4g} .. {deviation[~chosen].max():.4g}")
     st = answer["stats"]
     print("ttft {ttft_s:.3f}s = queue {queue_s:.3f} + kv fetch {kv_fetch_s:.3f} + selection {selection_s:.3f} "
-          "+ recompute {recompute_s:.3f} + first decode {first_decode_s:.3f}".format(**st))
+          "+ recompute {recompute_s:.3f} + first decode {first_decode_s:.3f}".format(**dataclasses.asdict(st)))
     print(f"answer: {answer['text']!r}")
     if args.png:
         _histogram(stats, args.png)

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     tiers = [t for t in args.tiers.split(",") if t]
     engine = bench_engine(args, kv_disk_bytes=0)
     segments = build_prompt(engine, records[args.record], args.context_tokens, args.chunks)
-    chunks = {s.chunk_key: engine.compute_chunk_kv(s) for s in segments if s.kind == "chunk"}
+    chunks = {s.chunk_key: engine.prefiller.compute_chunk_kv(s) for s in segments if s.kind == "chunk"}
     n_tokens = sum(len(s) for s in segments)
     samples: dict[str, list[dict]] = {name: [] for name in ["full_prefill", *tiers]}
     with contextlib.ExitStack() as stack:

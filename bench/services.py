@@ -21,17 +21,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+from server.launcher import free_port
+
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, timeout_s: float, proc: Optional[subprocess.Popen] = None) -> None:

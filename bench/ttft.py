@@ -17,9 +17,10 @@ from pathlib import Path
 from bench.dataset import PREFIX, Record, load, suffix_for
 from config import MODES, add_settings_flags, load_settings
 from engine.llm_engine import LLMEngine
-from engine.request import BlendParams, Request
+from engine.request import BlendParams
 from engine.sampling import SamplingParams
 from engine.segments import Segment
+from engine.stats import RequestStats
 
 PHASES = ("queue_s", "kv_fetch_s", "selection_s", "recompute_s", "first_decode_s")
 
@@ -60,11 +61,12 @@ def bench_engine(args: argparse.Namespace, **overrides) -> LLMEngine:
     return LLMEngine(load_settings(args, chat_preamble=PREFIX, **overrides))
 
 
-def measure(engine: LLMEngine, segments: list[Segment], mode: str, ratio: float) -> dict:
+def measure(engine: LLMEngine, segments: list[Segment], mode: str, ratio: float) -> RequestStats:
     engine.prefix_cache.clear()
     if mode != "full_prefill":
         engine.warm_prefix(segments)
-    req = Request(f"bench-{mode}", segments, SamplingParams(max_tokens=1, temperature=0), BlendParams(mode=mode, recompute_ratio=ratio if mode == "cacheblend" else None))
+    req = engine.make_request(f"bench-{mode}", segments, SamplingParams(max_tokens=1, temperature=0),
+                              BlendParams(mode=mode, recompute_ratio=ratio if mode == "cacheblend" else None))
     return engine.generate([req])[req.request_id]["stats"]
 
 
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             if seg.kind == "chunk":
                 engine.ensure_chunk(seg)
         measure(engine, segments, "cacheblend", args.ratio)  # warm-up: allocator, rope tables
-        samples: dict[str, list[dict]] = {m: [] for m in modes}
+        samples: dict[str, list[RequestStats]] = {m: [] for m in modes}
         for _ in range(args.repeat):
             for mode in modes:
                 samples[mode].append(measure(engine, segments, mode, args.ratio))
@@ -91,12 +93,12 @@ def run(args: argparse.Namespace) -> int:
                 "ratio": args.ratio if mode == "cacheblend" else None,
                 "context_tokens": n_tokens,
                 "chunks": args.chunks,
-                "ttft_median_s": statistics.median(x["ttft_s"] for x in s),
-                "ttft_all_s": [x["ttft_s"] for x in s],
-                "tokens_recomputed": s[0]["tokens_recomputed"],
-                "tokens_reused": s[0]["tokens_reused"],
+                "ttft_median_s": statistics.median(x.ttft_s for x in s),
+                "ttft_all_s": [x.ttft_s for x in s],
+                "tokens_recomputed": s[0].tokens_recomputed,
+                "tokens_reused": s[0].tokens_reused,
             }
-            row.update({p.removesuffix("_s") + "_median_s": statistics.median(x[p] for x in s) for p in PHASES})
+            row.update({p.removesuffix("_s") + "_median_s": statistics.median(getattr(x, p) for x in s) for p in PHASES})
             rows.append(row)
         full = next((r["ttft_median_s"] for r in rows if r["mode"] == "full_prefill" and r["context_tokens"] == n_tokens), None)
         for r in rows:

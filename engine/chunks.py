@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.blend import BlendSpec, KVCache, PrefillInput, blend_prefill
+from engine.blend import KVCache, PrefillInput, blend_prefill
 from engine.model import Transformer
+from engine.prompt import default_prefix_ids
+from engine.request import BlendSpec
 from engine.selection import context_sensitivity, sensitivity_layers
 from kvstore.base import ChunkKV
 from kvstore.keys import chunk_key
@@ -48,6 +50,14 @@ class Precompute:
     def tag(self) -> str:
         digest = hashlib.sha256(repr((self.context, self.probe) if self.probe else self.context).encode()).hexdigest()[:16]
         return f"{self.name}{'+sens' if self.probe else ''}-{CONVENTION_VERSION}-{digest}"
+
+    @classmethod
+    def for_settings(cls, tokenizer, chunk_context: str, chat_preamble: str, with_probe: bool) -> "Precompute":
+        """The convention `--chunk-context` names; the probe only when the selection signal reads it."""
+        probe = tuple(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) if with_probe else ()
+        if chunk_context == "sink":
+            return cls("sink", (sink_token_id(tokenizer),), probe)
+        return cls("prefix", default_prefix_ids(tokenizer, chat_preamble), probe)
 
 
 def sink_token_id(tokenizer) -> int:

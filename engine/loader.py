@@ -1,4 +1,4 @@
-"""Find the model directory: the embedded SmolLM2 (converted once from GGUF) or a local HF dir.
+"""Find and load the model: the embedded SmolLM2 (converted once from GGUF) or a local HF dir.
 
 The server never downloads: a name that is not a local directory fails at once with a message
 that names the local-path alternative.
@@ -12,6 +12,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +90,18 @@ def resolve_model_dir(model: str, data_dir: Path) -> Path:
         f"(no network). Download it where there is network and pass its local path, e.g. "
         f"--model /models/{model.split('/')[-1]}, or use --model embedded."
     )
+
+
+def load_model(settings: "Settings"):
+    """(model, tokenizer, served name) for `settings.model` on the device and dtype it names."""
+    from transformers import AutoTokenizer
+
+    from engine.device import resolve_device, resolve_dtype
+    from engine.model import Transformer
+
+    model_dir = resolve_model_dir(settings.model, settings.data_dir)
+    device = resolve_device(settings.device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = Transformer.from_dir(model_dir, device, resolve_dtype(settings.dtype, device))
+    default_name = EMBEDDED_NAME if settings.model in EMBEDDED_ALIASES else model_dir.name
+    return model, tokenizer, settings.served_model_name or default_name

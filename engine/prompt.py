@@ -8,13 +8,9 @@ Completions: optional prefix, the chunks, then the prompt.
 
 from __future__ import annotations
 
-from typing import Callable
-
 from engine.segments import Segment, tokenize
 
 _SENTINEL = "CACHEBLENDSEGMENTSENTINEL"
-
-ChunkSegmentFn = Callable[[tuple[int, ...]], Segment]
 
 
 def _with_bos(tokenizer, ids: tuple[int, ...]) -> tuple[int, ...]:
@@ -32,11 +28,14 @@ def chat_segments(tokenizer, messages: list[dict], chunks: list[Segment], preamb
         raise ValueError("the last message must have role 'user' (chunks go into the last user turn)")
     templated = [dict(m) for m in messages]
     content = templated[-1]["content"]
-    templated[-1]["content"] = _SENTINEL
+    sentinel = _SENTINEL
+    while any(sentinel in m["content"] for m in messages):  # a message may quote it: make it unique
+        sentinel += "X"
+    templated[-1]["content"] = sentinel
     rendered = tokenizer.apply_chat_template(templated, tokenize=False, add_generation_prompt=True)
-    if rendered.count(_SENTINEL) != 1:
+    if rendered.count(sentinel) != 1:
         raise ValueError("the chat template does not place the user content verbatim; cannot split it")
-    head, tail = rendered.split(_SENTINEL)
+    head, tail = rendered.split(sentinel)
     head_ids = tokenize(tokenizer, head + (preamble if chunks else ""))
     segments = [Segment("prefix", head_ids)] if head_ids else []
     segments += chunks

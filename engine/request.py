@@ -1,18 +1,28 @@
-"""What travels into the engine (Request) and out of it (RequestOutput)."""
+"""What travels into the engine (Request, resolved once) and out of it (RequestOutput)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 from engine.sampling import SamplingParams
 from engine.segments import Segment
+from engine.stats import RequestStats
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as given (reported to the client, never fatal)."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
 class BlendParams:
-    """Per-request prefill settings; None falls back to the server's settings."""
+    """A client's per-request prefill overrides; None falls back to the server's settings."""
     mode: Optional[str] = None
     recompute_ratio: Optional[float] = None
     check_layers: Optional[list[int]] = None
@@ -20,18 +30,36 @@ class BlendParams:
     selection_signal: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class BlendSpec:
+    """How the blend prefill selects tokens: the resolved, validated form of BlendParams."""
+    check_layers: tuple[int, ...] = ()  # empty: no selection (full_reuse, or every mode without chunks)
+    ratios: tuple[float, ...] = ()      # one per check layer, non-increasing
+    signal: str = "value"               # "value" | "key" | "sensitivity" | "random"
+    pool: float = 0.5                   # "sensitivity": share pre-selected by value deviation
+
+
+@dataclass(frozen=True)
 class Request:
+    """A request resolved at submit (`LLMEngine.make_request`): later stages read only this."""
     request_id: str
-    segments: list[Segment]
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    blend: BlendParams = field(default_factory=BlendParams)
+    segments: tuple[Segment, ...]
+    sampling: SamplingParams
+    mode: str
+    spec: BlendSpec
     arrival_time: float = field(default_factory=time.perf_counter)
-    logprobs: int = 0  # top logprobs per generated token (0: none)
+
+    @cached_property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(t for seg in self.segments for t in seg.token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
-        return sum(len(s) for s in self.segments)
+        return len(self.token_ids)
+
+    @cached_property
+    def chunk_keys(self) -> frozenset[str]:
+        return frozenset(s.chunk_key for s in self.segments if s.chunk_key)
 
 
 @dataclass
@@ -42,4 +70,4 @@ class RequestOutput:
     finished: bool = False
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
     error: Optional[str] = None
-    stats: Optional[dict] = None  # on the first token (TTFT) and on finish (the full record)
+    stats: Optional[RequestStats] = None  # on the first token (TTFT) and on finish (the full record)

@@ -8,9 +8,13 @@ from typing import Optional
 import torch
 
 
+# Below this a temperature is greedy (as in vLLM): dividing logits by it would overflow.
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: Optional[int] = 16  # None: up to the context length (resolved by the engine)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1           # -1: off
@@ -20,7 +24,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
@@ -28,6 +32,10 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k == 0 or self.top_k < -1:
             raise ValueError("top_k must be -1 (off) or >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class Sampler:
@@ -40,7 +48,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> int:
         """logits: [V] float32 -> token id."""
         p = self.params
-        if p.temperature == 0:
+        if p.greedy:
             return int(logits.argmax())
         logits = logits / p.temperature
         if p.top_k > 0 and p.top_k < logits.numel():

@@ -75,6 +75,7 @@ class Runtime:
         if self.serving is not None:
             await self.serving.state.async_engine.shutdown(ENGINE_DRAIN_S)
             await asyncio.to_thread(self.serving.state.close)
+            log.info("chunk store flushed and closed")  # operators (and the deploy test) look for it
 
     def ready(self) -> Serving:
         """The serving classes; APIError 503 while loading, after a failed load, or draining."""
@@ -103,7 +104,8 @@ def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
         finally:
             await rt.shutdown(loader)
 
-    app = FastAPI(title="CacheBlend", lifespan=lifespan)
+    docs = {} if settings.api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="CacheBlend", lifespan=lifespan, **docs)
     app.state.runtime = rt
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -113,15 +115,16 @@ def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
     @app.get("/health")
     async def health() -> dict:
         state = rt.ready().state
-        return {"status": "ok", "model": state.model_name, "num_running": state.async_engine.num_running,
-                "num_waiting": state.async_engine.num_waiting}
+        scheduler = state.engine.scheduler
+        return {"status": "ok", "model": state.model_name, "num_running": scheduler.num_running,
+                "num_waiting": scheduler.num_waiting}
 
     @app.get("/metrics")
     async def metrics() -> Response:
         state = rt.ready().state
         m = state.metrics
         m.observe_store(await asyncio.to_thread(state.engine.store.stats))
-        m.set_queue(state.async_engine.num_running, state.async_engine.num_waiting)
+        m.set_queue(state.engine.scheduler.num_running, state.engine.scheduler.num_waiting)
         m.set_ratio(state.engine.recompute_ratio)
         body, content_type = m.render()
         return Response(body, media_type=content_type)

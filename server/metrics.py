@@ -65,6 +65,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from engine.stats import STATUSES, RequestStats
+
 # `_created` samples double the series count and no dashboard uses them.
 disable_created_metrics()
 
@@ -82,7 +84,6 @@ REQUEST_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5,
 KL_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 F1_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
-REQUEST_STATUSES = ("ok", "error", "aborted", "rejected")
 PHASES = ("kv_fetch", "selection", "recompute", "first_decode")
 DIRECTIONS = ("up", "down", "hold")
 
@@ -164,7 +165,7 @@ class Metrics:
         # Series whose label values are all known up front start at 0, so rate() and the
         # dashboards see them before the first event rather than "no data".
         m = model_name
-        for status in REQUEST_STATUSES:
+        for status in STATUSES:
             self.requests.labels(m, status)
         for direction in DIRECTIONS:
             self.controller_decisions.labels(m, direction)
@@ -172,43 +173,33 @@ class Metrics:
                        self.quality_top1_agreement, self.quality_kl, self.quality_f1, self.running, self.waiting):
             metric.labels(m)
 
-    def observe_request(self, stats: Mapping[str, Any]) -> None:
-        """Record one finished request from the engine's per-request stats dict.
-
-        Only `status` (ok | error | aborted | rejected) is required. Other keys, each skipped
-        when absent or None (a rejected request has no timings): `mode`, `finish_reason`,
-        `prompt_tokens`, `completion_tokens`, `tokens_reused`, `tokens_recomputed`,
-        `chunk_hits` ({tier: n}), `chunk_misses`, `queue_s`, `kv_fetch_s`, `selection_s`,
-        `recompute_s`, `first_decode_s`, `ttft_s`, `e2e_s`, `itl_s` (list of gaps in seconds).
-        Without `mode` only the status and the token totals are recorded.
-        """
+    def observe_request(self, stats: RequestStats) -> None:
+        """Record one finished (or refused) request. Fields left None (a rejected request has
+        no timings) are skipped; without a mode only the status and token totals are recorded."""
         m = self.model_name
-        status = stats["status"]
-        if status not in REQUEST_STATUSES:
-            raise ValueError(f"unknown request status {status!r}")
-        self.requests.labels(m, status).inc()
-        if status == "ok" and stats.get("finish_reason"):
-            self.request_success.labels(m, stats["finish_reason"]).inc()
+        self.requests.labels(m, stats.status).inc()
+        if stats.status == "ok" and stats.finish_reason:
+            self.request_success.labels(m, stats.finish_reason).inc()
 
-        _inc(self.prompt_tokens.labels(m), stats.get("prompt_tokens"))
-        _inc(self.generation_tokens.labels(m), stats.get("completion_tokens"))
+        _inc(self.prompt_tokens.labels(m), stats.prompt_tokens)
+        _inc(self.generation_tokens.labels(m), stats.completion_tokens)
 
-        mode = stats.get("mode")
+        mode = stats.mode
         if mode is None:  # refused before a mode was chosen: nothing mode-specific to record
             return
         # Both reuse counters exist for every mode seen, so reused/(reused+recomputed) matches.
-        _inc(self.tokens_reused.labels(m, mode), stats.get("tokens_reused"))
-        _inc(self.tokens_recomputed.labels(m, mode), stats.get("tokens_recomputed"))
-        for tier, n in (stats.get("chunk_hits") or {}).items():
+        _inc(self.tokens_reused.labels(m, mode), stats.tokens_reused)
+        _inc(self.tokens_recomputed.labels(m, mode), stats.tokens_recomputed)
+        for tier, n in stats.chunk_hits.items():
             _inc(self.chunk_hits.labels(m, tier), n)
-        _inc(self.chunk_misses.labels(m), stats.get("chunk_misses"))
+        _inc(self.chunk_misses.labels(m), stats.chunk_misses)
 
-        _observe(self.queue_time, (m, mode), stats.get("queue_s"))
-        _observe(self.ttft, (m, mode), stats.get("ttft_s"))
-        _observe(self.e2e, (m, mode), stats.get("e2e_s"))
+        _observe(self.queue_time, (m, mode), stats.queue_s)
+        _observe(self.ttft, (m, mode), stats.ttft_s)
+        _observe(self.e2e, (m, mode), stats.e2e_s)
         for phase in PHASES:
-            _observe(self.ttft_phase, (m, mode, phase), stats.get(f"{phase}_s"))
-        for gap in stats.get("itl_s") or ():
+            _observe(self.ttft_phase, (m, mode, phase), getattr(stats, f"{phase}_s"))
+        for gap in stats.itl_s:
             self.itl.labels(m, mode).observe(gap)
 
     def set_queue(self, running: int, waiting: int) -> None:

@@ -12,20 +12,24 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError
 
+
 def _header(scope: Scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope["headers"] if key == name), None)
 
 
+# The API and its description; /health and /metrics stay public (probes and scrapers).
+PROTECTED = ("/v1", "/docs", "/redoc", "/openapi.json")
+
+
 class APIKeyMiddleware:
-    """Require `Authorization: Bearer <api_key>` on /v1 routes (constant-time compare);
-    /health and /metrics stay public."""
+    """Require `Authorization: Bearer <api_key>` on the API and its docs (constant-time compare)."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and scope["path"].startswith(PROTECTED):
             given = _header(scope, b"authorization") or b""
             if not hmac.compare_digest(given, self.expected):
                 error = APIError("invalid or missing API key", 401, headers={"WWW-Authenticate": "Bearer"})

@@ -11,8 +11,9 @@ import logging
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from engine.stats import RequestStats
 from kvstore.keys import is_key
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,18 @@ class OpenAIBaseModel(BaseModel):
                 log.warning("%s: ignoring unknown fields %s", cls.__name__, unknown)
         return data
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        """JSON can escape a lone surrogate (\\ud800) that no tokenizer can take: refuse it here."""
+        for text in value if isinstance(value, list) else (value,):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("text must be valid Unicode (it has a lone surrogate)") from None
+        return value
+
 
 # --- request field types -------------------------------------------------------------------
 
@@ -38,11 +51,16 @@ class ChunkText(OpenAIBaseModel):
     text: str
 
 
+def check_chunk_id(value: str) -> str:
+    """A chunk ID is a content key; ValueError (with the message clients see) if malformed."""
+    if not is_key(value):
+        raise ValueError(f"invalid chunk ID {value[:80]!r}: expected 64 lowercase hex characters")
+    return value
+
+
 def _chunk_ref(value: Any) -> Any:
     if isinstance(value, str):
-        if not is_key(value):
-            raise ValueError(f"invalid chunk ID {value[:80]!r}: expected 64 lowercase hex characters")
-        return value
+        return check_chunk_id(value)
     if isinstance(value, dict) and isinstance(value.get("text"), str):
         if set(value) != {"text"}:
             log.warning("chunk object: ignoring unknown fields %s", sorted(set(value) - {"text"}))
@@ -97,7 +115,7 @@ class SamplingRequest(OpenAIBaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1)  # vLLM extension; 0 and -1 both mean off
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what a 64-bit generator takes
     stop: Annotated[Optional[list[str]], BeforeValidator(_stop_list)] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
@@ -109,6 +127,13 @@ class SamplingRequest(OpenAIBaseModel):
     user: Optional[str] = None
     chunks: Optional[list[ChunkRef]] = None
     cacheblend: Optional[CacheBlendParams] = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: Optional[StreamOptions], info: ValidationInfo) -> Optional[StreamOptions]:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
 
 class ChatMessage(OpenAIBaseModel):
@@ -122,6 +147,8 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None      # refused by the serving class, never silently ignored
+    tool_choice: Optional[Any] = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -168,9 +195,9 @@ class CacheBlendInfo(OpenAIBaseModel):
     first_decode_s: Optional[float] = None
 
     @classmethod
-    def from_stats(cls, stats: Optional[dict]) -> "CacheBlendInfo":
-        stats = stats or {}
-        return cls(**{k: stats[k] for k in cls.model_fields if stats.get(k) is not None})
+    def from_stats(cls, stats: RequestStats) -> "CacheBlendInfo":
+        values = {name: getattr(stats, name) for name in cls.model_fields}
+        return cls(**{name: v for name, v in values.items() if v is not None})
 
 
 class ChatMessageOut(OpenAIBaseModel):

@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from fastapi.responses import StreamingResponse
 
+from engine.stats import RequestStats
 from server.errors import APIError
 from server.protocol import (CacheBlendInfo, ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
                              ChatCompletionStreamChoice, ChatCompletionStreamResponse, ChatMessageOut, DeltaMessage,
@@ -23,25 +24,27 @@ class OpenAIServingChat(OpenAIServing):
         self.check_common(body)
         if body.logprobs or body.top_logprobs:
             raise APIError("logprobs are not supported", 400, "logprobs")
+        if body.tools or body.tool_choice not in (None, "none"):
+            raise APIError("tool calling is not supported", 400, "tools" if body.tools else "tool_choice")
         chunks = await self.chunks.resolve(body.chunks)
         # "developer" is the newer name of "system"; chat templates know only the latter.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
                     for m in body.messages]
         try:
-            segments = await asyncio.to_thread(self.engine.chat_segments, messages, chunks)
+            segments = await asyncio.to_thread(self.engine.chat_segments, messages, chunks.segments)
         except ValueError as e:
             raise APIError(str(e), 400, "messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         request_id = random_id("chatcmpl")
         request = self.build_request(request_id, segments, body, max_tokens, "messages")
-        stream = self.submit(request)
+        stream = await self.submit(request, chunks)
         model, created = self.state.model_name, int(time.time())
 
         if body.stream:
             def event(choices: list, **extra) -> ChatCompletionStreamResponse:
                 return ChatCompletionStreamResponse(id=request_id, created=created, model=model, choices=choices, **extra)
 
-            def delta(text: str, finish_reason: Optional[str], stats: Optional[dict]) -> ChatCompletionStreamResponse:
+            def delta(text: str, finish_reason: Optional[str], stats: Optional[RequestStats]) -> ChatCompletionStreamResponse:
                 choice = ChatCompletionStreamChoice(delta=DeltaMessage(content=text), finish_reason=finish_reason)
                 return event([choice], cacheblend=CacheBlendInfo.from_stats(stats) if stats else None)
 
@@ -50,13 +53,13 @@ class OpenAIServingChat(OpenAIServing):
 
             first = event([ChatCompletionStreamChoice(delta=DeltaMessage(role="assistant", content=""))])
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse_stream(stream, include_usage, request.num_prompt_tokens, first, delta, usage),
+            return StreamingResponse(sse_stream(stream, include_usage, first, delta, usage),
                                      media_type="text/event-stream")
 
         result = await collect(stream)
         return ChatCompletionResponse(
             id=request_id, created=created, model=model,
             choices=[ChatCompletionChoice(message=ChatMessageOut(content=result.text), finish_reason=result.finish_reason)],
-            usage=usage_info(result.stats, request.num_prompt_tokens),
+            usage=usage_info(result.stats),
             cacheblend=CacheBlendInfo.from_stats(result.stats),
         ).model_dump()

@@ -8,13 +8,19 @@ requests resolve their `chunks` through `resolve`.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Optional, Union
 
 from engine.segments import Segment
-from kvstore.keys import is_key
 from server.errors import APIError
-from server.protocol import ChunkCreateRequest, ChunkDeleted, ChunkList, ChunkObject, ChunkText
+from server.protocol import ChunkCreateRequest, ChunkDeleted, ChunkList, ChunkObject, ChunkText, check_chunk_id
 from server.state import ServerState
+
+
+@dataclass
+class ResolvedChunks:
+    segments: list[Segment]
+    inline: list[tuple[Segment, str]]  # inline texts, recorded once their request is accepted
 
 
 def _chunk_object(record: dict, with_text: bool = False) -> ChunkObject:
@@ -23,8 +29,11 @@ def _chunk_object(record: dict, with_text: bool = False) -> ChunkObject:
 
 
 def _check_id(chunk_id: str, param: str) -> None:
-    if not is_key(chunk_id):
-        raise APIError(f"invalid chunk ID {chunk_id[:80]!r}: expected 64 lowercase hex characters", 400, param)
+    """IDs from the path and query (a request body's `chunks` were checked by the protocol)."""
+    try:
+        check_chunk_id(chunk_id)
+    except ValueError as e:
+        raise APIError(str(e), 400, param) from None
 
 
 class OpenAIServingChunks:
@@ -38,19 +47,26 @@ class OpenAIServingChunks:
 
     # --- used by the generation endpoints --------------------------------------------------
 
-    async def resolve(self, refs: Optional[list[Union[str, ChunkText]]]) -> list[Segment]:
-        """Segments for a request's `chunks`; inline texts are registered (their KV is made
-        during the request's prefill). Raises APIError 400/404."""
+    async def resolve(self, refs: Optional[list[Union[str, ChunkText]]]) -> ResolvedChunks:
+        """Segments for a request's `chunks`. Nothing is written: inline texts are recorded by
+        `record` once their request is accepted (their KV is made during its prefill). Raises
+        APIError 400/404."""
         if not refs:
-            return []
+            return ResolvedChunks([], [])
         if len(refs) > self.settings.max_chunks_per_request:
             raise APIError(f"too many chunks: {len(refs)} (at most {self.settings.max_chunks_per_request})", 400, "chunks")
-        return await asyncio.to_thread(lambda: [self._resolve_one(ref, f"chunks[{i}]") for i, ref in enumerate(refs)])
+        segments = await asyncio.to_thread(lambda: [self._resolve_one(ref, f"chunks[{i}]") for i, ref in enumerate(refs)])
+        inline = [(seg, ref.text) for seg, ref in zip(segments, refs) if isinstance(ref, ChunkText)]
+        return ResolvedChunks(segments, inline)
+
+    async def record(self, inline: list[tuple[Segment, str]]) -> None:
+        """Register inline chunk texts (after their request was accepted)."""
+        if inline:
+            await asyncio.to_thread(lambda: [self.registry.add(seg.chunk_key, text, seg.token_ids) for seg, text in inline])
 
     def _resolve_one(self, ref: Union[str, ChunkText], param: str) -> Segment:
         if isinstance(ref, ChunkText):
-            return self._register(ref.text, param)[0]
-        _check_id(ref, param)
+            return self._prepare(ref.text, param)
         record = self.registry.get(ref)
         if record is None:
             raise APIError(f"chunk {ref} not found; register its text with POST /v1/chunks", 404, "chunks")
@@ -60,14 +76,14 @@ class OpenAIServingChunks:
                            404, "chunks")
         return segment
 
-    def _register(self, text: str, param: str) -> tuple[Segment, dict]:
-        """Tokenize and record a chunk text (blocking); the KV is not computed here."""
+    def _prepare(self, text: str, param: str) -> Segment:
+        """Tokenize and check a chunk text (blocking); nothing is written."""
         segment = self.engine.chunk_from_text(text)
         if not segment.token_ids:
             raise APIError("a chunk must not be empty", 400, param)
         if len(segment) > self.settings.max_chunk_tokens:
             raise APIError(f"chunk has {len(segment)} tokens (at most {self.settings.max_chunk_tokens})", 400, param)
-        return segment, self.registry.add(segment.chunk_key, text, segment.token_ids)
+        return segment
 
     # --- /v1/chunks ------------------------------------------------------------------------
 
@@ -77,9 +93,11 @@ class OpenAIServingChunks:
             raise APIError(f"too many texts: {len(body.texts)} (at most {self.settings.max_chunks_per_request})",
                            400, "texts")
         texts = [(body.text, "text")] if body.texts is None else [(t, f"texts[{i}]") for i, t in enumerate(body.texts)]
-        registered = await asyncio.to_thread(lambda: [self._register(t, param) for t, param in texts])
+        segments = await asyncio.to_thread(lambda: [self._prepare(t, param) for t, param in texts])  # all valid first
+        records = await asyncio.to_thread(lambda: [self.registry.add(seg.chunk_key, t, seg.token_ids)
+                                                   for seg, (t, _) in zip(segments, texts)])
         objects = []
-        for segment, record in registered:
+        for segment, record in zip(segments, records):
             # One job per chunk, so decode steps of running requests interleave with them.
             await self.state.async_engine.run_job(lambda s=segment: self.engine.ensure_chunk(s))
             objects.append(_chunk_object(record))

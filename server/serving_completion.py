@@ -8,6 +8,7 @@ from typing import Optional, Union
 
 from fastapi.responses import StreamingResponse
 
+from engine.stats import RequestStats
 from server.errors import APIError
 from server.protocol import CacheBlendInfo, CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse, UsageInfo
 from server.serving_engine import OpenAIServing, collect, random_id, sse_stream, usage_info
@@ -28,14 +29,14 @@ class OpenAIServingCompletion(OpenAIServing):
         if body.best_of not in (None, 1):
             raise APIError("only best_of=1 is supported", 400, "best_of")
         chunks = await self.chunks.resolve(body.chunks)
-        segments = await asyncio.to_thread(self.engine.completion_segments, body.prompt, chunks)
+        segments = await asyncio.to_thread(self.engine.completion_segments, body.prompt, chunks.segments)
         request_id = random_id("cmpl")
         request = self.build_request(request_id, segments, body, body.max_tokens, "prompt")
-        stream = self.submit(request)
+        stream = await self.submit(request, chunks)
         model, created = self.state.model_name, int(time.time())
 
         if body.stream:
-            def delta(text: str, finish_reason: Optional[str], stats: Optional[dict]) -> CompletionStreamResponse:
+            def delta(text: str, finish_reason: Optional[str], stats: Optional[RequestStats]) -> CompletionStreamResponse:
                 return CompletionStreamResponse(
                     id=request_id, created=created, model=model,
                     choices=[CompletionChoice(text=text, finish_reason=finish_reason)],
@@ -45,13 +46,13 @@ class OpenAIServingCompletion(OpenAIServing):
                 return CompletionStreamResponse(id=request_id, created=created, model=model, choices=[], usage=info)
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse_stream(stream, include_usage, request.num_prompt_tokens, None, delta, usage),
+            return StreamingResponse(sse_stream(stream, include_usage, None, delta, usage),
                                      media_type="text/event-stream")
 
         result = await collect(stream)
         return CompletionResponse(
             id=request_id, created=created, model=model,
             choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
-            usage=usage_info(result.stats, request.num_prompt_tokens),
+            usage=usage_info(result.stats),
             cacheblend=CacheBlendInfo.from_stats(result.stats),
         ).model_dump()

@@ -13,14 +13,14 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
 from pydantic import BaseModel
 
-from engine.llm_engine import RequestError
-from engine.request import BlendParams, Request, RequestOutput
+from engine.request import BlendParams, Request, RequestError, RequestOutput
 from engine.sampling import SamplingParams
 from engine.segments import Segment
+from engine.stats import RequestStats
 from server.async_engine import QueueFull, RequestStream
 from server.errors import APIError
 from server.protocol import SamplingRequest, UsageInfo
-from server.serving_chunks import OpenAIServingChunks
+from server.serving_chunks import OpenAIServingChunks, ResolvedChunks
 from server.state import ServerState
 
 T = TypeVar("T")
@@ -45,12 +45,12 @@ class Generation:
     """A finished request: its text, why it stopped, and the engine's final stats."""
     text: str
     finish_reason: str
-    stats: dict
+    stats: RequestStats
 
 
-def usage_info(stats: dict, prompt_tokens: int) -> UsageInfo:
-    completion = stats.get("completion_tokens", 0)
-    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+def usage_info(stats: RequestStats) -> UsageInfo:
+    return UsageInfo(prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+                     total_tokens=stats.prompt_tokens + stats.completion_tokens)
 
 
 def _failure(out: RequestOutput) -> APIError:
@@ -80,36 +80,32 @@ class OpenAIServing:
 
     def build_request(self, request_id: str, segments: list[Segment], body: SamplingRequest,
                       max_tokens: Optional[int], input_param: str) -> Request:
-        """The engine request, validated against the context length (APIError 400 if not)."""
-        prompt_tokens = sum(len(s) for s in segments)
-        limit = self.engine.max_model_len
-        if prompt_tokens == 0:
-            raise APIError("the prompt is empty", 400, input_param)
-        if prompt_tokens >= limit:
-            raise APIError(f"This model's maximum context length is {limit} tokens. However, your request has "
-                           f"{prompt_tokens} input tokens. Please reduce the length of the input.", 400, "input")
+        """The engine request, resolved once (APIError 400 if the engine refuses it)."""
         try:
             sampling = SamplingParams(
-                max_tokens=max_tokens if max_tokens is not None else limit - prompt_tokens,
-                temperature=body.temperature, top_p=body.top_p, top_k=body.top_k if body.top_k > 0 else -1,
-                seed=body.seed, stop=list(body.stop or []), stop_token_ids=list(body.stop_token_ids or []),
-                ignore_eos=body.ignore_eos)
-        except ValueError as e:
-            raise APIError(str(e), 400) from None
-        blend = BlendParams(**body.cacheblend.model_dump()) if body.cacheblend else BlendParams()
-        request = Request(request_id, segments, sampling, blend)
-        try:
-            self.engine.validate(request)
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                top_k=body.top_k if body.top_k > 0 else -1, seed=body.seed, stop=list(body.stop or []),
+                stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos)
+            blend = BlendParams(**body.cacheblend.model_dump()) if body.cacheblend else BlendParams()
+            return self.engine.make_request(request_id, segments, sampling, blend, input_param)
         except RequestError as e:
             raise APIError(str(e), 400, e.param) from None
-        return request
+        except ValueError as e:
+            raise APIError(str(e), 400) from None
 
-    def submit(self, request: Request) -> RequestStream:
+    async def submit(self, request: Request, chunks: ResolvedChunks) -> RequestStream:
+        """Queue the request, then record its inline chunks (nothing is written for a refused one)."""
         try:
-            return self.state.async_engine.submit(request)
+            stream = self.state.async_engine.submit(request)
         except QueueFull:
             raise APIError("the server is at capacity; retry shortly", 503,
                            headers={"Retry-After": RETRY_AFTER_S}) from None
+        try:
+            await self.chunks.record(chunks.inline)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
 
 
 async def collect(stream: RequestStream) -> Generation:
@@ -121,14 +117,14 @@ async def collect(stream: RequestStream) -> Generation:
             if out.finished:
                 if out.finish_reason in ("error", "abort"):
                     raise _failure(out)
-                return Generation("".join(parts), out.finish_reason, out.stats or {})
+                return Generation("".join(parts), out.finish_reason, out.stats)
     finally:
         stream.close()
     raise APIError("the request ended without output", 500)
 
 
-async def sse_stream(stream: RequestStream, include_usage: bool, prompt_tokens: int, first: Optional[BaseModel],
-                     delta: Callable[[str, Optional[str], Optional[dict]], BaseModel],
+async def sse_stream(stream: RequestStream, include_usage: bool, first: Optional[BaseModel],
+                     delta: Callable[[str, Optional[str], Optional[RequestStats]], BaseModel],
                      usage: Callable[[UsageInfo], BaseModel]) -> AsyncIterator[str]:
     """SSE strings: `first` (if any), a `delta(text, finish_reason, final_stats)` event per
     output with text or a finish, the `usage` event if asked for, then [DONE]. An error after
@@ -144,7 +140,7 @@ async def sse_stream(stream: RequestStream, include_usage: bool, prompt_tokens: 
                 finished = out.finish_reason if out.finished else None
                 yield sse(delta(out.text, finished, out.stats if out.finished else None), include_usage)
             if out.finished and include_usage:
-                yield sse(usage(usage_info(out.stats or {}, prompt_tokens)), True)
+                yield sse(usage(usage_info(out.stats)), True)
     except APIError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
     finally:

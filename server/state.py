@@ -44,8 +44,8 @@ def _report_quality(metrics: Metrics, engine: LLMEngine) -> None:
         metrics.controller_decision(decision)
         metrics.set_ratio(ratio)
 
-    engine.on_quality.append(on_quality)
-    engine.on_controller.append(on_controller)
+    engine.quality.on_quality.append(on_quality)
+    engine.quality.on_controller.append(on_controller)
 
 
 def load_state(settings: Settings, engine: Optional[LLMEngine] = None) -> ServerState:
@@ -56,7 +56,7 @@ def load_state(settings: Settings, engine: Optional[LLMEngine] = None) -> Server
     metrics = Metrics(engine.model_name)
     metrics.set_ratio(engine.recompute_ratio)
     _report_quality(metrics, engine)
-    async_engine = AsyncEngine(engine, metrics, settings.max_queue)
+    async_engine = AsyncEngine(engine, metrics)
     async_engine.start()
     log.info("serving %s (max_model_len %d) on %s", engine.model_name, engine.max_model_len, engine.device)
     return ServerState(settings, engine, build_registry(settings), metrics, async_engine)

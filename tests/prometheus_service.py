@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,8 @@ from typing import Iterator, Mapping, Optional
 
 import pytest
 import yaml
+
+from server.launcher import free_port
 
 # Values for Grafana's built-in and dashboard variables when a query runs outside Grafana.
 # `.+` matches every model, like the dashboard's "All" (its allValue).
@@ -44,12 +45,6 @@ def require_binary(name: str) -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def start_prometheus(targets: list[str], scrape_interval: str = "1s", timeout_s: float = 30.0) -> Iterator[str]:
     """Run Prometheus scraping `targets` ("host:port", path /metrics); yield its base URL.
@@ -64,7 +59,7 @@ def start_prometheus(targets: list[str], scrape_interval: str = "1s", timeout_s:
             "scrape_configs": [{"job_name": "cacheblend", "metrics_path": "/metrics",
                                 "static_configs": [{"targets": list(targets)}]}],
         }))
-        port = _free_port()
+        port = free_port()
         log_path = Path(tmp, "prometheus.log")
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_hf_model
-from engine.blend import BlendSpec, KVCache, PrefillInput, blend_prefill
+from engine.blend import KVCache, PrefillInput, blend_prefill
+from engine.request import BlendSpec
 from engine.chunks import Precompute, precompute_chunk
 from engine.model import Transformer
 
@@ -54,7 +55,7 @@ def test_ratio_one_matches_full_prefill(kind, scaling):
         forced[s:e] = False
     forced[-1] = True
     inp = PrefillInput(ids, forced, chunk_spans=spans, chunk_layer=lambda l: [(kv.keys[l], kv.values[l]) for kv in kvs])
-    blended = blend_prefill(model, inp, BlendSpec([1], [1.0]), KVCache.allocate(model, ids.numel()))
+    blended = blend_prefill(model, inp, BlendSpec((1,), (1.0,)), KVCache.allocate(model, ids.numel()))
     reference = full_prefill(model, ids)
     assert torch.allclose(blended.logits, reference.logits, atol=1e-5, rtol=1e-5)
     L = model.cfg.num_layers

@@ -5,7 +5,8 @@ import math
 import torch
 
 from conftest import PASSAGES, QUESTION
-from engine.request import BlendParams, Request
+from engine.quality import first_token_kl as kl
+from engine.request import BlendParams
 from engine.sampling import SamplingParams
 
 LOGIT_ATOL = 1e-3  # fp32 on CPU; different attention kernels (causal vs masked blocks) reorder sums
@@ -23,13 +24,8 @@ def prefill(engine, segments, **blend):
 
 def greedy(engine, segments, max_tokens=12, **blend):
     engine.prefix_cache.clear()
-    req = Request("t", segments, SamplingParams(max_tokens=max_tokens, temperature=0), BlendParams(**blend))
+    req = engine.make_request("t", segments, SamplingParams(max_tokens=max_tokens, temperature=0), BlendParams(**blend))
     return engine.generate([req])["t"]
-
-
-def kl(p_logits, q_logits):
-    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
-    return float((lp.exp() * (lp - lq)).sum())
 
 
 def test_ratio_one_matches_full_prefill(engine):
@@ -59,7 +55,7 @@ def test_one_chunk_after_prefix_is_exact_in_every_reuse_mode(settings):
     eng = LLMEngine(settings.model_copy(update={"chunk_context": "prefix", "kv_storage_dtype": "float32", "kv_disk_bytes": 0}))
     chunk = eng.chunk_from_text(PASSAGES[0])
     segs = eng.chat_segments([{"role": "user", "content": QUESTION}], [chunk])
-    assert segs[0].token_ids == eng.precompute.context
+    assert segs[0].token_ids == eng.prefiller.precompute.context
     full = prefill(eng, segs, mode="full_prefill").result.logits
     blend = prefill(eng, segs, mode="cacheblend", recompute_ratio=0.15).result.logits
     # prefix_cache: an earlier request with the same prefix and chunk but another question

@@ -3,8 +3,7 @@
 import pytest
 
 from conftest import PASSAGES, QUESTION
-from engine.llm_engine import RequestError
-from engine.request import BlendParams, Request
+from engine.request import BlendParams, RequestError
 from engine.sampling import SamplingParams
 
 
@@ -18,7 +17,7 @@ def run(engine, *requests):
 
 def test_continuous_batching_gives_the_same_tokens_as_alone(engine):
     questions = [QUESTION, "What is Dijon famous for?", "When was the Eiffel Tower completed?"]
-    reqs = [Request(f"r{i}", segments(engine, q), SamplingParams(max_tokens=8 + 3 * i, temperature=0), BlendParams(mode="cacheblend"))
+    reqs = [engine.make_request(f"r{i}", segments(engine, q), SamplingParams(max_tokens=8 + 3 * i, temperature=0), BlendParams(mode="cacheblend"))
             for i, q in enumerate(questions)]
     alone = {r.request_id: run(engine, r)[r.request_id]["token_ids"] for r in reqs}
     together = run(engine, *reqs)
@@ -29,8 +28,8 @@ def test_continuous_batching_gives_the_same_tokens_as_alone(engine):
 
 def test_requests_join_a_running_batch(engine):
     """A request added mid-decode joins the batch between steps and is unaffected by it."""
-    a = Request("a", segments(engine), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
-    b = Request("b", segments(engine, "What is Dijon famous for?"), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    a = engine.make_request("a", segments(engine), SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    b = engine.make_request("b", segments(engine, "What is Dijon famous for?"), SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     alone_b = run(engine, b)["b"]["token_ids"]
     engine.add_request(a)
     got = {"a": [], "b": []}
@@ -46,18 +45,18 @@ def test_requests_join_a_running_batch(engine):
 
 
 def test_max_tokens_finishes_with_length(engine):
-    r = Request("len", segments(engine), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    r = engine.make_request("len", segments(engine), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     out = run(engine, r)["len"]
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 3
-    assert out["stats"]["completion_tokens"] == 3
+    assert out["stats"].completion_tokens == 3
 
 
 def test_stop_string_truncates_and_finishes(engine):
-    base = run(engine, Request("s0", segments(engine), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))["s0"]["text"]
+    base = run(engine, engine.make_request("s0", segments(engine), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))["s0"]["text"]
     words = base.split()
     assert len(words) >= 3, base
     stop = words[2]
-    out = run(engine, Request("s1", segments(engine), SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True)))["s1"]
+    out = run(engine, engine.make_request("s1", segments(engine), SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True)))["s1"]
     assert out["finish_reason"] == "stop"
     assert stop not in out["text"]
     assert base.startswith(out["text"])
@@ -65,7 +64,7 @@ def test_stop_string_truncates_and_finishes(engine):
 
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(engine):
     def sample(seed):
-        r = Request(f"seed{seed}", segments(engine), SamplingParams(max_tokens=10, temperature=1.5, top_p=0.95, top_k=50, seed=seed, ignore_eos=True))
+        r = engine.make_request(f"seed{seed}", segments(engine), SamplingParams(max_tokens=10, temperature=1.5, top_p=0.95, top_k=50, seed=seed, ignore_eos=True))
         return run(engine, r)[r.request_id]["token_ids"]
 
     assert sample(7) == sample(7)
@@ -73,39 +72,67 @@ def test_seeded_sampling_is_reproducible_and_differs_across_seeds(engine):
 
 
 def test_top_k_one_is_greedy(engine):
-    greedy = run(engine, Request("g", segments(engine), SamplingParams(max_tokens=6, temperature=0)))["g"]["token_ids"]
-    topk1 = run(engine, Request("k", segments(engine), SamplingParams(max_tokens=6, temperature=0.8, top_k=1, seed=3)))["k"]["token_ids"]
+    greedy = run(engine, engine.make_request("g", segments(engine), SamplingParams(max_tokens=6, temperature=0)))["g"]["token_ids"]
+    topk1 = run(engine, engine.make_request("k", segments(engine), SamplingParams(max_tokens=6, temperature=0.8, top_k=1, seed=3)))["k"]["token_ids"]
     assert topk1 == greedy
 
 
 def test_abort_removes_a_running_request(engine):
-    r = Request("ab", segments(engine), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    r = engine.make_request("ab", segments(engine), SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
     engine.add_request(r)
     outs = engine.step()  # prefill + first token
-    assert outs[0].token_ids and engine.num_running == 1
+    assert outs[0].token_ids and engine.scheduler.num_running == 1
     engine.abort("ab")
     final = engine.step()
     assert final[0].finished and final[0].finish_reason == "abort"
-    assert engine.num_running == 0 and not engine.has_work()
+    assert engine.scheduler.num_running == 0 and not engine.has_work()
 
 
 def test_stats_report_ttft_and_phases(engine):
-    out = run(engine, Request("st", segments(engine), SamplingParams(max_tokens=2, temperature=0), BlendParams(mode="cacheblend", recompute_ratio=0.2)))["st"]
+    out = run(engine, engine.make_request("st", segments(engine), SamplingParams(max_tokens=2, temperature=0), BlendParams(mode="cacheblend", recompute_ratio=0.2)))["st"]
     st = out["stats"]
-    for key in ("queue_s", "kv_fetch_s", "selection_s", "recompute_s", "first_decode_s", "ttft_s", "e2e_s"):
-        assert st[key] >= 0
-    assert st["ttft_s"] >= st["recompute_s"]
-    assert st["tokens_reused"] + st["tokens_recomputed"] == st["prompt_tokens"]
-    assert st["mode"] == "cacheblend" and st["ratio"] == 0.2
+    for name in ("queue_s", "kv_fetch_s", "selection_s", "recompute_s", "first_decode_s", "ttft_s", "e2e_s"):
+        assert getattr(st, name) >= 0
+    assert st.ttft_s >= st.recompute_s
+    assert st.tokens_reused + st.tokens_recomputed == st.prompt_tokens
+    assert st.mode == "cacheblend" and st.ratio == 0.2
 
 
 def test_bad_requests_are_rejected_and_engine_keeps_serving(engine):
     with pytest.raises(RequestError) as e:
-        engine.add_request(Request("big", segments(engine), SamplingParams(max_tokens=engine.max_model_len)))
+        engine.make_request("big", segments(engine), SamplingParams(max_tokens=engine.max_model_len))
     assert e.value.param == "max_tokens"
     with pytest.raises(RequestError):
-        engine.add_request(Request("mode", segments(engine), blend=BlendParams(mode="turbo")))
+        engine.make_request("mode", segments(engine), blend=BlendParams(mode="turbo"))
     with pytest.raises(RequestError):
-        engine.add_request(Request("layers", segments(engine), blend=BlendParams(mode="cacheblend", check_layers=[99])))
-    ok = run(engine, Request("ok", segments(engine), SamplingParams(max_tokens=2, temperature=0)))["ok"]
+        engine.make_request("layers", segments(engine), blend=BlendParams(mode="cacheblend", check_layers=[99]))
+    ok = run(engine, engine.make_request("ok", segments(engine), SamplingParams(max_tokens=2, temperature=0)))["ok"]
     assert ok["finish_reason"] in ("stop", "length") and ok["token_ids"]
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-300, 1e-6])
+def test_a_tiny_temperature_is_greedy_and_fails_no_one(engine, temperature):
+    greedy = run(engine, engine.make_request("g", segments(engine), SamplingParams(max_tokens=4, temperature=0)))["g"]
+    tiny = engine.make_request("tiny", segments(engine), SamplingParams(max_tokens=4, temperature=temperature, seed=1))
+    other = engine.make_request("other", segments(engine, "What is Dijon famous for?"), SamplingParams(max_tokens=4, temperature=0))
+    out = run(engine, tiny, other)
+    assert out["tiny"]["token_ids"] == greedy["token_ids"] and out["tiny"]["finish_reason"] in ("stop", "length")
+    assert out["other"]["finish_reason"] in ("stop", "length")
+
+
+def test_a_request_resolved_at_submit_keeps_its_spec(engine):
+    """The spec is frozen on the request: a later change of the server's ratio does not touch it."""
+    r = engine.make_request("frozen", segments(engine), SamplingParams(max_tokens=1, temperature=0), BlendParams(mode="cacheblend"))
+    assert r.mode == "cacheblend" and r.spec.ratios == (engine.recompute_ratio,) and r.sampling.max_tokens == 1
+    unbounded = engine.make_request("u", segments(engine), SamplingParams(max_tokens=None))
+    assert unbounded.sampling.max_tokens == engine.max_model_len - unbounded.num_prompt_tokens
+
+
+def test_a_message_quoting_the_internal_sentinel_is_ordinary_text(engine):
+    from engine.prompt import _SENTINEL
+
+    quoted = f"Never say {_SENTINEL}."
+    segs = engine.chat_segments([{"role": "system", "content": quoted}, {"role": "user", "content": "Hi"}],
+                                [engine.chunk_from_text(PASSAGES[0])])
+    text = engine.tokenizer.decode([t for s in segs for t in s.token_ids])
+    assert quoted in text and text.index(quoted) < text.index("Eiffel") < text.index("Hi")

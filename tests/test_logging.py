@@ -4,7 +4,6 @@ import json
 import logging
 
 from conftest import PASSAGES, QUESTION
-from engine.request import Request
 from engine.sampling import SamplingParams
 from server.cli import JSONFormatter
 
@@ -19,7 +18,7 @@ def test_json_formatter_includes_request_id():
 def test_debug_log_has_ttft_breakdown(engine, caplog):
     segs = engine.chat_segments([{"role": "user", "content": QUESTION}], [engine.chunk_from_text(PASSAGES[0])])
     with caplog.at_level(logging.DEBUG, logger="engine.llm_engine"):
-        engine.generate([Request("log-1", segs, SamplingParams(max_tokens=2, temperature=0))])
+        engine.generate([engine.make_request("log-1", segs, SamplingParams(max_tokens=2, temperature=0))])
     rec = next(r for r in caplog.records if getattr(r, "request_id", None) == "log-1")
     for key in ("ttft_s=", "queue_s=", "kv_fetch_s=", "selection_s=", "recompute_s=", "first_decode_s="):
         assert key in rec.getMessage()

@@ -5,6 +5,7 @@ every dashboard query. The end-to-end test against the real server is test_dashb
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import re
 import threading
@@ -14,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import server.metrics as metrics_module
+from engine.stats import RequestStats
 from server.metrics import Metrics
 from prometheus_service import dashboard_queries, query, start_prometheus, wait_for_scrapes
 
@@ -22,13 +24,13 @@ DASHBOARD = Path(__file__).resolve().parents[1] / "docker" / "grafana" / "dashbo
 VLLM_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                      2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
 
-REQUEST = {
-    "mode": "cacheblend", "status": "ok", "finish_reason": "stop",
-    "prompt_tokens": 120, "completion_tokens": 4, "tokens_reused": 90, "tokens_recomputed": 30,
-    "chunk_hits": {"cpu": 2, "disk": 1}, "chunk_misses": 1,
-    "queue_s": 0.002, "kv_fetch_s": 0.004, "selection_s": 0.001, "recompute_s": 0.02,
-    "first_decode_s": 0.01, "ttft_s": 0.037, "e2e_s": 0.09, "itl_s": [0.015, 0.017, 0.02],
-}
+REQUEST = RequestStats(
+    mode="cacheblend", status="ok", finish_reason="stop",
+    prompt_tokens=120, completion_tokens=4, tokens_reused=90, tokens_recomputed=30,
+    chunk_hits={"cpu": 2, "disk": 1}, chunk_misses=1,
+    queue_s=0.002, kv_fetch_s=0.004, selection_s=0.001, recompute_s=0.02,
+    first_decode_s=0.01, ttft_s=0.037, e2e_s=0.09, itl_s=[0.015, 0.017, 0.02],
+)
 STORE = {
     "cpu": {"hits": 5, "misses": 2, "bytes_read": 4096, "bytes_written": 8192, "evictions": 1,
             "corrupt": 0, "errors": 0, "load_seconds": 0.01, "bytes_used": 8192, "capacity": 1 << 20, "entries": 2},
@@ -41,8 +43,8 @@ def populated(model_name: str = "smol") -> Metrics:
     """A Metrics with every metric observed at least once."""
     m = Metrics(model_name)
     m.observe_request(REQUEST)
-    m.observe_request({**REQUEST, "mode": "full_prefill", "tokens_reused": 0, "tokens_recomputed": 120,
-                       "chunk_hits": {}, "chunk_misses": 0, "finish_reason": "length"})
+    m.observe_request(dataclasses.replace(REQUEST, mode="full_prefill", tokens_reused=0, tokens_recomputed=120,
+                                          chunk_hits={}, chunk_misses=0, finish_reason="length"))
     m.observe_store(STORE)
     m.observe_quality(0.02, True, 0.8)
     m.set_queue(running=1, waiting=2)
@@ -114,8 +116,8 @@ def test_observe_request_counts_tokens_phases_and_gaps():
 
 def test_request_without_mode_counts_status_only():
     m = Metrics("smol")
-    m.observe_request({"status": "rejected"})
-    m.observe_request({"status": "error", "mode": "cacheblend"})  # failed before any timing
+    m.observe_request(RequestStats(status="rejected"))
+    m.observe_request(RequestStats(status="error", mode="cacheblend"))  # failed before any timing
     assert value(m, "cacheblend:requests_total", status="rejected") == 1
     assert value(m, "cacheblend:requests_total", status="error") == 1
     fams = families(m)
@@ -126,7 +128,7 @@ def test_request_without_mode_counts_status_only():
 def test_unknown_status_and_direction_are_errors():
     m = Metrics("smol")
     with pytest.raises(ValueError):
-        m.observe_request({"status": "done"})
+        m.observe_request(RequestStats(status="done"))
     with pytest.raises(ValueError):
         m.controller_decision("sideways")
 

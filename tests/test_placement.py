@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_hf_model
-from engine.blend import BlendSpec, KVCache, PrefillInput, blend_prefill
+from engine.blend import KVCache, PrefillInput, blend_prefill
+from engine.request import BlendSpec
 from engine.chunks import Precompute, precompute_chunk
 from engine.model import Transformer
 

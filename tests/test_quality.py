@@ -5,7 +5,7 @@ import torch
 
 from conftest import PASSAGES, QUESTION
 from engine.quality import RatioController, first_token_kl, token_f1
-from engine.request import BlendParams, Request
+from engine.request import BlendParams
 from engine.sampling import SamplingParams
 
 
@@ -37,13 +37,13 @@ def _engine(settings, **overrides):
 
 def _request(eng, i, ratio=None):
     segs = eng.chat_segments([{"role": "user", "content": QUESTION}], [eng.chunk_from_text(p) for p in PASSAGES])
-    return Request(f"q{i}", segs, SamplingParams(max_tokens=4, temperature=0), BlendParams(mode="cacheblend", recompute_ratio=ratio))
+    return eng.make_request(f"q{i}", segs, SamplingParams(max_tokens=4, temperature=0), BlendParams(mode="cacheblend", recompute_ratio=ratio))
 
 
 def test_sampled_requests_produce_quality_samples(engine, settings):
     eng = _engine(settings, quality_sample_rate=1.0, quality_compare_tokens=4)
     samples = []
-    eng.on_quality.append(samples.append)
+    eng.quality.on_quality.append(samples.append)
     eng.generate([_request(eng, 0, ratio=1.0)])
     assert len(samples) == 1
     s = samples[0]
@@ -55,9 +55,9 @@ def test_controller_raises_ratio_when_agreement_is_forced_low(settings):
     eng = _engine(settings, quality_sample_rate=1.0, quality_compare_tokens=2, controller_enabled=True,
                   controller_window=1, controller_target_agreement=1.0, controller_hysteresis=0.0, recompute_ratio=0.0,
                   controller_min_ratio=0.0, controller_step=0.1)
-    eng.controller.target = 1.01
+    eng.quality.controller.target = 1.01
     decisions = []
-    eng.on_controller.append(lambda d, r: decisions.append((d, r)))
+    eng.quality.on_controller.append(lambda d, r: decisions.append((d, r)))
     eng.generate([_request(eng, 0)])
     eng.generate([_request(eng, 1)])
     assert [d for d, _ in decisions] == ["up", "up"]
@@ -69,7 +69,7 @@ def test_controller_lowers_ratio_when_quality_is_high(settings):
                   controller_window=1, controller_target_agreement=0.5, controller_hysteresis=0.1, recompute_ratio=0.5,
                   controller_step=0.1)
     decisions = []
-    eng.on_controller.append(lambda d, r: decisions.append(d))
+    eng.quality.on_controller.append(lambda d, r: decisions.append(d))
     eng.generate([_request(eng, 0)])  # request uses the engine's ratio: 0.5 -> agreement 1
     assert decisions == ["down"] and eng.recompute_ratio == pytest.approx(0.4)
 
@@ -78,15 +78,15 @@ def test_quality_rerun_yields_to_new_requests(settings):
     """The full_prefill re-run goes a layer at a time and never delays a waiting request."""
     eng = _engine(settings, quality_sample_rate=1.0, quality_compare_tokens=2)
     eng.add_request(_request(eng, 0))
-    while eng.waiting or eng.running:
+    while eng.scheduler.has_work():
         eng.step()
-    assert len(eng.shadow_jobs) == 1        # queued behind the served request, not run yet
-    eng.step()                              # first layer of the re-run
-    assert eng._shadow is not None
+    assert eng.quality.num_queued == 1 and not eng.quality.in_progress  # queued behind the served request
+    eng.step()                                # first layer of the re-run
+    assert eng.quality.in_progress
     eng.add_request(_request(eng, 1))
     out = eng.step()
     assert out and out[0].request_id == "q1"  # the new request was prefilled first
-    assert eng._shadow is not None            # the re-run is paused, not dropped
+    assert eng.quality.in_progress            # the re-run is paused, not dropped
     while eng.has_work():
         eng.step()
-    assert eng._shadow is None and not eng.shadow_jobs
+    assert not eng.quality.in_progress and eng.quality.num_queued == 0

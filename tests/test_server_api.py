@@ -15,7 +15,6 @@ from openai import AsyncOpenAI, OpenAI
 
 from config.settings import Settings
 from engine.llm_engine import LLMEngine
-from engine.request import Request
 from engine.sampling import SamplingParams
 from server_process import start_server
 
@@ -69,7 +68,7 @@ def direct(engine: LLMEngine, segments) -> str:
     for segment in segments:
         if segment.kind == "chunk":
             engine.ensure_chunk(segment)  # stored first, as registration does on the server
-    request = Request("direct", segments, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
+    request = engine.make_request("direct", segments, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))
     return engine.generate([request])["direct"]["text"]
 
 
@@ -303,6 +302,13 @@ CHAT_ERRORS = [
     ("input too long", _chat_body(messages=[{"role": "user", "content": "hello " * 1100}]), 400, "input"),
     ("bad blend mode", _chat_body(cacheblend={"mode": "magic"}), 400, "cacheblend.mode"),
     ("bad blend ratio", _chat_body(cacheblend={"recompute_ratio": 2}), 400, "cacheblend.recompute_ratio"),
+    ("lone surrogate in content", {"messages": [{"role": "user", "content": "a\ud800b"}]}, 400, "messages[0].content"),
+    ("lone surrogate in inline chunk", _chat_body(chunks=[{"text": "\udfff"}]), 400, "chunks[0].text"),
+    ("seed above 64 bits", _chat_body(seed=1 << 64), 400, "seed"),
+    ("seed below 64 bits", _chat_body(seed=-(1 << 63) - 1), 400, "seed"),
+    ("stream_options without stream", _chat_body(stream_options={"include_usage": True}), 400, "stream_options"),
+    ("tools", _chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("tool_choice", _chat_body(tool_choice="required"), 400, "tool_choice"),
 ]
 
 
@@ -323,6 +329,10 @@ def test_other_errors_and_the_engine_still_serves(base_url, client, model, chunk
     assert_error(post("/v1/chunks", {"text": ""}), 400, "text")
     assert_error(post("/v1/chunks", {}), 400, None)
     assert_error(post("/v1/chunks", {"texts": ["ok", 5]}), 400, "texts[1]")
+    ascii_post = lambda path, body: httpx.post(f"{base_url}{path}", content=json.dumps(body),  # noqa: E731
+                                               headers={"content-type": "application/json"}, timeout=60)
+    assert_error(ascii_post("/v1/chunks", {"text": "a\ud800"}), 400, "text")  # JSON escapes a lone surrogate
+    assert_error(ascii_post("/v1/completions", {"prompt": "\ud800"}), 400, "prompt")
     assert_error(httpx.get(f"{base_url}/v1/chunks/XYZ"), 400, "chunk_id")
     assert_error(httpx.get(f"{base_url}/v1/chunks", params={"limit": 0}), 400, "limit")
     assert_error(httpx.get(f"{base_url}/v1/chunks", params={"after": "ab" * 32}), 400, "after")
@@ -344,3 +354,28 @@ def test_metrics(base_url):
     assert _metric(base_url, "cacheblend:chunk_hits_total", 'tier="cpu"') > 0
     assert _metric(base_url, "cacheblend:recompute_ratio") == pytest.approx(0.15)
     assert "cacheblend:num_requests_waiting" in text
+
+
+def _all_chunk_ids(base_url: str) -> set[str]:
+    ids, after = set(), None
+    while True:
+        page = httpx.get(f"{base_url}/v1/chunks", params={"limit": 100, **({"after": after} if after else {})}).json()
+        ids |= {c["id"] for c in page["data"]}
+        if not page["has_more"]:
+            return ids
+        after = page["data"][-1]["id"]
+
+
+def test_a_refused_request_writes_nothing(base_url, chunk_ids):
+    """The whole request is validated before anything is registered."""
+    before = _all_chunk_ids(base_url)
+    post = lambda path, body: httpx.post(f"{base_url}{path}", json=body, timeout=60)  # noqa: E731
+    assert_error(post("/v1/chunks", {"texts": ["a text registered nowhere 17", ""]}), 400, "texts[1]")
+    assert_error(post("/v1/chat/completions", _chat_body(chunks=[{"text": "an inline text refused 17"}], max_tokens=1000)),
+                 400, "max_tokens")
+    assert_error(post("/v1/completions", {"prompt": "x", "chunks": [{"text": "another inline text 17"}], "max_tokens": 5000}),
+                 400, "max_tokens")
+    assert _all_chunk_ids(base_url) == before
+    ok = post("/v1/chat/completions", _chat_body(chunks=[{"text": "an inline text accepted 17"}], max_tokens=1))
+    assert ok.status_code == 200, ok.text
+    assert len(_all_chunk_ids(base_url) - before) == 1

@@ -41,6 +41,9 @@ def test_api_key_queue_full_and_graceful_shutdown(tmp_path):
         assert httpx.get(f"{url}/health").status_code == 200
         assert httpx.get(f"{url}/metrics").status_code == 200
         assert httpx.get(f"{url}/v1/models", headers=AUTH).status_code == 200
+        for path in ("/docs", "/redoc", "/openapi.json"):  # the API's description is behind the key too
+            assert httpx.get(f"{url}{path}").status_code == 401
+            assert httpx.get(f"{url}{path}", headers=AUTH).status_code == 200
 
         chunk = httpx.post(f"{url}/v1/chunks", json={"text": "Write-back chunk.\n\n"}, headers=AUTH, timeout=60).json()
         assert not list(kv.rglob("*.safetensors"))  # write-back: only in memory so far
@@ -62,3 +65,15 @@ def test_api_key_queue_full_and_graceful_shutdown(tmp_path):
         assert 'status="rejected"} 1.0' in metrics
     # start_server sent SIGTERM and checked the exit code; closing the store flushed the chunk.
     assert (kv / chunk["id"][:2] / f"{chunk['id']}.safetensors").is_file()
+
+
+def test_api_docs_can_be_turned_off():
+    from fastapi.testclient import TestClient
+
+    from config import Settings
+    from server.app import build_app
+
+    client = TestClient(build_app(Settings(api_docs=False)))  # no lifespan: nothing is loaded
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert client.get(path).status_code == 404
+    assert TestClient(build_app(Settings())).get("/openapi.json").status_code == 200

@@ -10,6 +10,7 @@ from typing import Optional
 import pytest
 
 from engine.request import RequestOutput
+from engine.stats import RequestStats
 from server.errors import APIError
 from server.protocol import CompletionChoice, CompletionStreamResponse, UsageInfo
 from server.serving_engine import collect, sse_stream
@@ -43,10 +44,10 @@ def token(text: str) -> RequestOutput:
 
 
 def finish(text: str, reason: str, error: Optional[str] = None) -> RequestOutput:
-    return RequestOutput("r", text, [1], True, reason, error, {"completion_tokens": 3, "mode": "cacheblend"})
+    return RequestOutput("r", text, [1], True, reason, error, RequestStats(prompt_tokens=5, completion_tokens=3, mode="cacheblend"))
 
 
-def delta(text: str, finish_reason: Optional[str], stats: Optional[dict]) -> CompletionStreamResponse:
+def delta(text: str, finish_reason: Optional[str], stats: Optional[RequestStats]) -> CompletionStreamResponse:
     return CompletionStreamResponse(id="cmpl-1", created=0, model="m",
                                     choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
 
@@ -57,7 +58,7 @@ def usage(info: UsageInfo) -> CompletionStreamResponse:
 
 def events(stream: ScriptedStream, include_usage: bool) -> list:
     async def run() -> list[str]:
-        return [chunk async for chunk in sse_stream(stream, include_usage, 5, None, delta, usage)]
+        return [chunk async for chunk in sse_stream(stream, include_usage, None, delta, usage)]
 
     out = []
     for chunk in asyncio.run(run()):
@@ -91,7 +92,7 @@ def test_closing_the_stream_early_aborts_the_request():
     stream = ScriptedStream([token("a"), token("b"), finish("c", "stop")])
 
     async def read_one() -> None:
-        writer = sse_stream(stream, False, 5, None, delta, usage)
+        writer = sse_stream(stream, False, None, delta, usage)
         await writer.__anext__()
         await writer.aclose()  # what Starlette does when the client disconnects
 
@@ -101,7 +102,7 @@ def test_closing_the_stream_early_aborts_the_request():
 
 def test_collect():
     result = asyncio.run(collect(ScriptedStream([token("a"), finish("b", "stop")])))
-    assert (result.text, result.finish_reason, result.stats["completion_tokens"]) == ("ab", "stop", 3)
+    assert (result.text, result.finish_reason, result.stats.completion_tokens) == ("ab", "stop", 3)
     with pytest.raises(APIError) as failure:
         asyncio.run(collect(ScriptedStream([finish("", "abort")])))
     assert failure.value.status == 503

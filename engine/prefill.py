@@ -1,0 +1,175 @@
+"""The prefill of one resolved prompt: prefix-cache lookup, chunk KV fetch, the blend layer loop.
+
+segments -> which tokens are exact / chunk / forced -> chunk KV (stored: streamed layer by
+layer under the compute; missed: computed now, used from memory, stored in the background)
+-> `blend_prefill_steps` -> fused cache and last-token logits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Generator, Optional, Sequence
+
+import torch
+
+from engine.blend import KVCache, PrefillInput, PrefillResult, blend_prefill_steps
+from engine.chunks import Precompute, key_for, precompute_chunk
+from engine.model import Transformer
+from engine.prefix_cache import PrefixCache
+from engine.request import BlendSpec
+from engine.segments import Segment, spans, token_ids, tokenize
+from kvstore import ChunkMissing, LayerPrefetcher
+from kvstore.base import ChunkKV, ChunkStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prefilled:
+    """A prefill's result plus where its chunk KV came from."""
+    result: PrefillResult
+    chunk_tiers: dict[str, int]  # tier -> chunks read from it (misses are not counted here)
+    chunk_misses: int            # chunks computed during this prefill
+    chunk_compute_s: float       # spent computing them
+    kv_load_s: float             # the loader busy (overlapped with the compute)
+
+    @property
+    def kv_wait_s(self) -> float:
+        return self.result.stats.kv_wait_s
+
+    @property
+    def kv_fetch_s(self) -> float:
+        """TTFT spent getting chunk KV: computing misses plus waiting on loads."""
+        return self.chunk_compute_s + self.kv_wait_s
+
+
+class Prefiller:
+    def __init__(self, model: Transformer, tokenizer, store: ChunkStore, precompute: Precompute,
+                 prefix_cache: PrefixCache, recompute_chunk_head: int = 0):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.store = store
+        self.precompute = precompute
+        self.prefix_cache = prefix_cache
+        self.recompute_chunk_head = recompute_chunk_head
+        self.kv_dtype = str(model.dtype).removeprefix("torch.")
+
+    # --- chunks -----------------------------------------------------------------------------
+
+    def chunk_segment(self, ids: Sequence[int]) -> Segment:
+        ids = tuple(ids)
+        return Segment("chunk", ids, key_for(self.model, self.precompute, ids, self.kv_dtype))
+
+    def chunk_from_text(self, text: str) -> Segment:
+        return self.chunk_segment(tokenize(self.tokenizer, text))
+
+    def compute_chunk_kv(self, segment: Segment) -> ChunkKV:
+        return precompute_chunk(self.model, self.precompute, segment.token_ids)
+
+    def ensure_chunk(self, segment: Segment) -> ChunkKV:
+        """The chunk's KV from the store, precomputed and stored on a miss (the warm-up path)."""
+        return self.store.get_or_compute(segment.chunk_key, lambda: self.compute_chunk_kv(segment))
+
+    # --- prefill ----------------------------------------------------------------------------
+
+    def steps(self, segments: Sequence[Segment], mode: str, spec: BlendSpec, capacity: int, remember: bool = True,
+              token_scores: Optional[torch.Tensor] = None) -> Generator[None, None, Prefilled]:
+        """The prefill, yielding after every layer. `remember`: put the exact leading segments
+        into the prefix cache now (serving does it after the first token, off the TTFT path)."""
+        ids = token_ids(segments)
+        N = len(ids)
+        dev = self.model.device
+        exact_len, exact_kv = self._exact_prefix(segments, mode, N)
+        chunks = self._reused_chunks(segments, mode, exact_len)
+        forced = torch.ones(N, dtype=torch.bool, device=dev)
+        for _, (s, e) in chunks:
+            forced[min(s + self.recompute_chunk_head, e):e] = False  # chunk heads stay forced (their own sinks)
+        forced[N - 1] = True
+
+        t0 = time.perf_counter()
+        computed = {seg.chunk_key: self._compute_and_store(seg) for seg, _ in chunks if not self.store.contains(seg.chunk_key)}
+        compute_s = time.perf_counter() - t0
+        stored_keys = [seg.chunk_key for seg, _ in chunks if seg.chunk_key not in computed]
+        cache = KVCache.allocate(self.model, max(capacity, N))
+        ids_t = torch.tensor(ids, device=dev)
+        spans_ = [span for _, span in chunks]
+        loader = LayerPrefetcher(self.store, stored_keys, self.model.cfg.num_layers) if stored_keys else None
+        try:
+            source = _ChunkSource([seg.chunk_key for seg, _ in chunks], computed, loader)
+            inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, source.layer if chunks else None,
+                               chunk_sensitivity=source.sensitivity, token_scores=token_scores)
+            result = yield from blend_prefill_steps(self.model, inp, spec, cache)
+        except ChunkMissing as e:
+            # evicted or found corrupt mid-stream: recompute it and serve every chunk from memory
+            log.warning("chunk %s vanished during prefill; recomputing it", e.key)
+            loader.close()
+            computed[e.key] = self._compute_and_store(next(seg for seg, _ in chunks if seg.chunk_key == e.key))
+            kvs = {seg.chunk_key: computed.get(seg.chunk_key) or self.ensure_chunk(seg) for seg, _ in chunks}
+            source = _ChunkSource(list(kvs), kvs, None)
+            inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, source.layer,
+                               chunk_sensitivity=source.sensitivity, token_scores=token_scores)
+            result = yield from blend_prefill_steps(self.model, inp, spec, cache)
+        finally:
+            if loader is not None:
+                loader.close()
+        tiers: dict[str, int] = {}
+        for key in stored_keys:
+            if key not in computed:
+                tier = loader.tiers.get(key, "cpu") if loader else "cpu"
+                tiers[tier] = tiers.get(tier, 0) + 1
+        if remember:
+            self.remember_prefix(segments, mode, cache)
+        return Prefilled(result, tiers, len(computed), compute_s, loader.total_load_seconds if loader else 0.0)
+
+    def remember_prefix(self, segments: Sequence[Segment], mode: str, cache: KVCache) -> None:
+        """Keep the exact leading segments for later requests (full_prefill is the no-reuse baseline)."""
+        if mode == "full_prefill":
+            return
+        if mode == "prefix_cache":
+            exact = len(segments) - 1  # all but the suffix
+        else:
+            exact = next((i for i, s in enumerate(segments) if s.kind == "chunk"), len(segments) - 1)
+        self.prefix_cache.insert(list(segments), exact, cache.k, cache.v)
+
+    def _exact_prefix(self, segments: Sequence[Segment], mode: str, N: int):
+        if mode == "full_prefill":
+            return 0, None
+        exact_len, entry = self.prefix_cache.lookup(list(segments), N - 1)
+        if entry is None:
+            return 0, None
+        return exact_len, (entry.k[:, :, :exact_len], entry.v[:, :, :exact_len])
+
+    @staticmethod
+    def _reused_chunks(segments: Sequence[Segment], mode: str, exact_len: int) -> list[tuple[Segment, tuple[int, int]]]:
+        """(segment, span) of the chunks whose stored KV this prefill uses."""
+        if mode not in ("full_reuse", "cacheblend"):
+            return []
+        return [(seg, (s, e)) for seg, (s, e) in zip(segments, spans(segments))
+                if seg.kind == "chunk" and exact_len <= s < e]
+
+    def _compute_and_store(self, segment: Segment) -> ChunkKV:
+        """A chunk missed everywhere: computed now for this prefill; the store keeps it for the
+        next one (slow tiers are written in the background)."""
+        kv = self.compute_chunk_kv(segment)
+        self.store.put(segment.chunk_key, kv)
+        return kv
+
+
+class _ChunkSource:
+    """Per-layer chunk KV in span order, from memory (computed now) or the layer prefetcher."""
+
+    def __init__(self, keys: list[str], in_memory: dict[str, ChunkKV], loader: Optional[LayerPrefetcher]):
+        self.keys = keys
+        self.in_memory = in_memory
+        self.loader = loader
+
+    def layer(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loaded = iter(self.loader.layer(layer)) if self.loader is not None else iter(())
+        return [(kv.keys[layer], kv.values[layer]) if (kv := self.in_memory.get(key)) is not None else next(loaded)
+                for key in self.keys]
+
+    def sensitivity(self) -> list[Optional[torch.Tensor]]:
+        loaded = iter(self.loader.sensitivity()) if self.loader is not None else iter(())
+        return [kv.sensitivity if (kv := self.in_memory.get(key)) is not None else next(loaded) for key in self.keys]

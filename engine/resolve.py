@@ -1,0 +1,60 @@
+"""Resolving a request once, at submit: its length against the context, and its blend spec.
+
+Pure functions: the settings, the client's overrides and the model's depth in, a validated
+`BlendSpec` (or a RequestError naming the parameter at fault) out.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from config.settings import MODES, SELECTION_SIGNALS, Settings, check_layer_rules, check_ratio_rules
+from engine.request import BlendParams, BlendSpec, RequestError
+
+
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: Optional[int], max_model_len: int, input_param: str) -> int:
+    """The completion budget, checked against the context length (None: up to the limit)."""
+    if num_prompt_tokens == 0:
+        raise RequestError("the prompt is empty", input_param)
+    if num_prompt_tokens >= max_model_len:
+        raise RequestError(f"This model's maximum context length is {max_model_len} tokens. However, your request has "
+                           f"{num_prompt_tokens} input tokens. Please reduce the length of the input.", "input")
+    if max_tokens is None:
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the "
+            f"completion). Please reduce the length of the messages or completion.", "max_tokens")
+    return max_tokens
+
+
+def resolve_blend(params: BlendParams, settings: Settings, num_layers: int, default_ratio: float) -> tuple[str, BlendSpec]:
+    """(mode, spec) from the client's overrides over the settings; `default_ratio` is the
+    server's current ratio (the controller may have moved it from `settings.recompute_ratio`)."""
+    mode = params.mode or settings.mode
+    if mode not in MODES:
+        raise RequestError(f"unknown mode {mode!r}; one of {', '.join(MODES)}", "cacheblend.mode")
+    if mode != "cacheblend":
+        return mode, BlendSpec()
+    layers = params.check_layers if params.check_layers is not None else settings.check_layers
+    if params.check_ratios is not None:
+        ratios = params.check_ratios
+    elif params.recompute_ratio is not None or params.check_layers is not None:
+        ratios = [params.recompute_ratio if params.recompute_ratio is not None else default_ratio] * len(layers)
+    elif settings.check_ratios is not None:
+        ratios = settings.check_ratios
+    else:
+        ratios = [default_ratio] * len(layers)
+    try:
+        check_layer_rules(layers, num_layers)
+    except ValueError as e:
+        raise RequestError(str(e), "cacheblend.check_layers") from None
+    try:
+        check_ratio_rules(ratios, len(layers))
+    except ValueError as e:
+        raise RequestError(str(e), "cacheblend.recompute_ratio") from None
+    signal = params.selection_signal or settings.selection_signal
+    if signal not in SELECTION_SIGNALS:
+        raise RequestError(f"selection_signal must be one of {', '.join(SELECTION_SIGNALS)}", "cacheblend.selection_signal")
+    return mode, BlendSpec(tuple(layers), tuple(ratios), signal, settings.sensitivity_pool)

@@ -1,0 +1,98 @@
+"""engine/scheduler.py on its own (no model): admission order by shared chunks, the skip
+bound, max_num_seqs, the queue bound, aborts and draining."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from engine.scheduler import QueueFull, Scheduler
+
+
+@dataclass(eq=False)
+class Item:
+    """The smallest schedulable: an ID and the chunk keys its prompt uses."""
+    request_id: str
+    chunk_keys: frozenset[str] = frozenset()
+
+
+def item(request_id: str, chunks: str = "") -> Item:
+    return Item(request_id, frozenset(chunks))
+
+
+def prefill_order(items: list[Item], max_skips: int = 8) -> list[str]:
+    """Run the scheduler to the end, finishing each request right after its prefill."""
+    s: Scheduler[Item] = Scheduler(max_num_seqs=1, max_queue=16, max_skips=max_skips)
+    for it in items:
+        s.add(it)
+    order = []
+    while s.has_work():
+        out = s.schedule()
+        assert out.prefill is not None and not out.decode
+        order.append(out.prefill.request_id)
+        s.finish(out.prefill)
+    return order
+
+
+def test_requests_sharing_chunks_with_the_last_prefill_go_first():
+    items = [item("r0", "a"), item("r1", "b"), item("r2", "ab"), item("r3", "b"), item("r4", "a")]
+    # r0 (a) first; then the most overlap with the previous pick, ties to the oldest.
+    assert prefill_order(items) == ["r0", "r2", "r1", "r3", "r4"]
+
+
+def test_skipping_is_bounded():
+    items = [item("r0", "a"), item("r1", "b"), item("r2", "a"), item("r3", "a"), item("r4", "a")]
+    assert prefill_order(items, max_skips=8) == ["r0", "r2", "r3", "r4", "r1"]
+    assert prefill_order(items, max_skips=1) == ["r0", "r2", "r1", "r3", "r4"]
+
+
+def test_prefill_until_the_batch_is_full_then_decode():
+    s: Scheduler[Item] = Scheduler(max_num_seqs=2, max_queue=16)
+    a, b, c = item("a"), item("b"), item("c")
+    for it in (a, b, c):
+        s.add(it)
+    assert s.schedule().prefill is a
+    assert s.schedule().prefill is b
+    out = s.schedule()
+    assert out.prefill is None and out.decode == [a, b] and s.num_waiting == 1
+    s.finish(a)
+    assert s.schedule().prefill is c and s.num_running == 2
+
+
+def test_queue_bound_and_closing():
+    s: Scheduler[Item] = Scheduler(max_num_seqs=1, max_queue=2)
+    s.add(item("a"))
+    s.add(item("b"))
+    with pytest.raises(QueueFull):
+        s.add(item("c"))
+    s.schedule()  # "a" leaves the queue: room for one more
+    s.add(item("c"))
+    s.accepting = False
+    s.schedule()
+    with pytest.raises(QueueFull):
+        s.add(item("d"))
+
+
+def test_abort_drops_waiting_and_running_requests():
+    s: Scheduler[Item] = Scheduler(max_num_seqs=4, max_queue=16)
+    a, b = item("a"), item("b")
+    s.add(a)
+    assert s.schedule().prefill is a
+    s.add(b)
+    s.abort("a")
+    s.abort("b")
+    s.abort("unknown")
+    out = s.schedule()
+    assert set(out.aborted) == {a, b} and out.idle
+    assert not s.has_work()
+
+
+def test_drain_returns_everything_in_flight():
+    s: Scheduler[Item] = Scheduler(max_num_seqs=4, max_queue=16)
+    a, b = item("a"), item("b")
+    s.add(a)
+    s.schedule()
+    s.add(b)
+    assert s.drain() == [b, a]
+    assert not s.has_work() and s.schedule().idle
