@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = ["bench.ttft", "bench.kv_tiers", "bench.load", "bench.peer", "bench.gpu_ttft", "bench.selection_study"]
+BENCHES = ["bench.ttft", "bench.kv_tiers", "bench.load", "bench.peer", "bench.gpu_ttft", "bench.selection_study",
+           "bench.attention_micro"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,7 +8,7 @@ project's (it pins its own torch and drags in CUDA-only torchvision/torchaudio b
     .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec  # their PyPI builds break `import vllm`
 
 This command runs our modes in-process and vLLM in a worker subprocess started with that venv's
-python (this very file with `--worker`: it imports only vllm and the standard library, reads one
+python (bench/peer_worker.py with `--worker`: it imports only vllm and the standard library, reads one
 JSON command per line on stdin and answers one JSON line on stdout). The two are measured
 alternately, never at the same time, with a short pause between them so one side's spinning
 OpenMP threads do not slow the other.
@@ -16,8 +16,10 @@ OpenMP threads do not slow the other.
 Prompts: MuSiQue records laid out as in bench/dataset.py, rendered by our engine; vLLM gets the
 very same token IDs (`prompt_token_ids`), so both prefill identical prompts (the first generated
 token is compared as a check). vLLM gets the safetensors copy of the embedded model
-(~/.cache/cacheblend/models/SmolLM2-135M-Instruct; its GGUF loader is GPU-only), in float32 like
-our CPU engine unless `--vllm-dtype` says otherwise.
+(~/.cache/cacheblend/models/SmolLM2-135M-Instruct; its GGUF loader is GPU-only) and runs in its
+fastest CPU configuration unless told otherwise: compiled, in bfloat16 where the CPU has bf16 dot
+products that measure faster (the rule our `--dtype auto` follows), else float32. The
+configuration used is printed and recorded.
 
 Measured, per prompt, medians over `--repeat` rounds:
   ours:   full_prefill, full_reuse, cacheblend@r, optionally prefix_cache (`--modes`) (chunk KV
@@ -29,6 +31,9 @@ Measured, per prompt, medians over `--repeat` rounds:
           (resetting its cache is what makes the first a full prefill).
 TTFT = wall time of the call that returns the first token (vLLM: `LLM.generate` with
 max_tokens=1, which includes its engine-core IPC; ours: prefill + first-token sampling).
+Decode tokens/s at each `--decode-batches` size: prompts cut from the first prompt, decode time
+only (ours: timed around the batched decode steps, bench/decode_speed.py; vLLM: a generate with
+1 + n tokens minus one with 1), summed over the batch; the two sides alternate round by round.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-MARK = "@@PEER@@ "  # prefix of the worker's answer lines (vLLM logs to stdout as well)
+from bench.peer_worker import MARK
+
 DEFAULT_VLLM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "cacheblend" / "models" / "SmolLM2-135M-Instruct"
 
@@ -63,70 +69,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gap-s", type=float, default=0.5, help="pause between our side and vLLM's (default: %(default)s)")
     p.add_argument("--vllm-python", type=Path, default=DEFAULT_VLLM_PYTHON, help="python of the vLLM venv (default: %(default)s)")
     p.add_argument("--vllm-model", type=Path, default=None, help="HF safetensors model dir for vLLM (default: the converted embedded model)")
-    p.add_argument("--vllm-dtype", default="float32", help="vLLM dtype (default: %(default)s, as our CPU engine)")
+    p.add_argument("--vllm-dtype", default="auto",
+                   help="vLLM dtype (default: %(default)s: bfloat16 where the CPU has bf16 dot products and they measure faster, "
+                        "else float32 -- vLLM's fastest configuration on that CPU, chosen by the same rule as ours)")
     p.add_argument("--vllm-block-size", type=int, default=32, help="vLLM KV block size = prefix-cache granularity; its CPU attention needs a multiple of 32 (default: %(default)s)")
-    p.add_argument("--vllm-compile", action="store_true",
-                   help="let vLLM use torch.compile (default: eager mode; compiling on CPU needs a C++ toolchain and minutes)")
+    p.add_argument("--vllm-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="let vLLM use torch.compile, its fastest CPU mode (default: on; start-up takes minutes, "
+                        "--no-vllm-compile for eager mode)")
     p.add_argument("--vllm-threads-bind", default=None, help="VLLM_CPU_OMP_THREADS_BIND (default: 0-<cores-1>)")
     p.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE in GiB (default: %(default)s)")
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
+    p.add_argument("--decode-batches", default="1,8", help="decode tokens/s measured at these batch sizes; empty: skip (default: %(default)s)")
+    p.add_argument("--decode-prompt-tokens", type=int, default=512, help="prompt length per sequence for decode (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per sequence (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="our torch threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="write rows and per-run samples here")
     from config import add_settings_flags
     add_settings_flags(p, fields=["model", "dtype", "data_dir", "check_layers", "kv_storage_dtype"])
     p.set_defaults(func=run)
-
-
-# --- the worker (runs in the vLLM venv: stdlib + vllm only) -------------------------------------
-
-
-def _answer(obj: dict) -> None:
-    sys.stdout.write(MARK + json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-def worker_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="peer worker")
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--compile", action="store_true", help="let vLLM compile (default: eager)")
-    a = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    import vllm
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(model=a.model, dtype=a.dtype, enable_prefix_caching=True, block_size=a.block_size,
-              max_model_len=a.max_model_len, max_num_batched_tokens=a.max_model_len, max_num_seqs=1,
-              seed=0, enforce_eager=not a.compile)
-    params = SamplingParams(max_tokens=1, temperature=0.0)
-
-    def generate(ids: list[int]):
-        return llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
-
-    generate([1, 2, 3, 4] * 8)  # first-call overheads
-    _answer({"ready": True, "vllm": vllm.__version__, "startup_s": time.perf_counter() - t0})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        cmd = json.loads(line)
-        if cmd.get("cmd") == "quit":
-            break
-        try:
-            llm.reset_prefix_cache()
-            if cmd.get("warm_ids"):
-                generate(cmd["warm_ids"])
-            t = time.perf_counter()
-            out = generate(cmd["ids"])
-            ttft = time.perf_counter() - t
-            _answer({"ttft_s": ttft, "token": out.outputs[0].token_ids[0],
-                     "num_cached_tokens": getattr(out, "num_cached_tokens", None)})
-        except Exception as e:  # report, keep serving
-            _answer({"error": f"{type(e).__name__}: {e}"})
-    _answer({"bye": True})
-    return 0
 
 
 # --- the parent ---------------------------------------------------------------------------------
@@ -138,7 +98,7 @@ class VLLMWorker:
         if not Path(python).exists():
             raise SystemExit(f"{python} not found: create the vLLM venv first (see `cacheblend bench peer --help`)")
         # -P: this file's folder (bench/) must not shadow modules on the worker's sys.path
-        cmd = [str(python), "-P", str(Path(__file__).resolve()), "--worker", "--model", str(model), "--dtype", dtype,
+        cmd = [str(python), "-P", str(Path(__file__).resolve().with_name("peer_worker.py")), "--worker", "--model", str(model), "--dtype", dtype,
                "--block-size", str(block_size)] + (["--compile"] if compile else [])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, bufsize=1, env={**os.environ, **env})
@@ -175,13 +135,19 @@ class VLLMWorker:
             return self._answers.pop(0)
 
     def ttft(self, ids: list[int], warm_ids: Optional[list[int]] = None, timeout_s: float = 600.0) -> dict:
+        return self._ask({"ids": ids, "warm_ids": warm_ids}, timeout_s)
+
+    def _ask(self, cmd: dict, timeout_s: float) -> dict:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"ids": ids, "warm_ids": warm_ids}) + "\n")
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
         ans = self._wait(timeout_s)
         if "error" in ans:
             raise RuntimeError(f"vLLM worker: {ans['error']}\n" + "\n".join(self.log[-40:]))
         return ans
+
+    def decode(self, prompts: list[list[int]], tokens: int, timeout_s: float = 600.0) -> dict:
+        return self._ask({"cmd": "decode", "prompts": prompts, "tokens": tokens}, timeout_s)
 
     def close(self) -> None:
         try:
@@ -200,7 +166,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from bench import dataset as ds
-    from bench import eval as ev
+    from bench import eval_harness as ev
+    from bench.decode_speed import decode_prompts, decode_time
+    from engine.device import auto_dtype
     from engine.segments import token_ids
 
     if args.threads:
@@ -224,17 +192,26 @@ def run(args: argparse.Namespace) -> int:
         prompts.append((rec, segs, token_ids(segs), token_ids(other)))
     wanted = {m.strip() for m in args.modes.split(",")} | {"full_prefill", "cacheblend"}
     specs = [ev.base_spec(m) for m in ("full_prefill", "prefix_cache", "full_reuse") if m in wanted] + [ev.cacheblend_spec(args.ratio)]
+    vllm_dtype, why = args.vllm_dtype, "set explicitly"
+    if vllm_dtype == "auto":
+        dtype, why = auto_dtype(torch.device("cpu"))
+        vllm_dtype, why = str(dtype).removeprefix("torch."), f"auto: {why}"
+    vllm_config = f"{'compiled' if args.vllm_compile else 'eager'}, {vllm_dtype} ({why})"
+    print(f"vLLM configuration: {vllm_config}; ours: {str(engine.model.dtype).removeprefix('torch.')}", file=sys.stderr, flush=True)
     print(f"starting vLLM worker ({args.vllm_python}, {model_dir}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    worker = VLLMWorker(args.vllm_python, model_dir, args.vllm_dtype, args.vllm_block_size, env, args.startup_timeout_s,
+    worker = VLLMWorker(args.vllm_python, model_dir, vllm_dtype, args.vllm_block_size, env, args.startup_timeout_s,
                         args.vllm_compile)
     print(f"vLLM {worker.hello.get('vllm')} ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     samples: dict[str, list[float]] = {}
+    decode: dict[str, list[float]] = {}  # side:batchB -> tokens/s summed over the batch, per round
     checks = []
     try:
         # warm-up, untimed: our first-call overheads, vLLM's compiled paths at this length
         ev.measure(engine, prompts[0][1], specs[0], max_new_tokens=0)
         worker.ttft(prompts[0][2])
+        decode_time(engine.model, decode_prompts(prompts[0][2], 2, 64), 4)
+        worker.decode(decode_prompts(prompts[0][2], 2, 64), 4)
         for rnd in range(args.repeat):
             for pi, (rec, segs, ids, other_ids) in enumerate(prompts):
                 ours_first = (rnd + pi) % 2 == 0
@@ -258,6 +235,18 @@ def run(args: argparse.Namespace) -> int:
                                "vllm_prefix_cached_tokens": cached})
                 print(f"round {rnd + 1}/{args.repeat} prompt {pi + 1}/{len(prompts)}: " +
                       ", ".join(f"{k} {v[-1]:.3f}s" for k, v in samples.items()), file=sys.stderr, flush=True)
+        batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+        for rnd in range(args.repeat if batches else 0):
+            for b in batches:
+                batch = decode_prompts(prompts[0][2], b, args.decode_prompt_tokens)
+                sides = {"ours": lambda: decode_time(engine.model, batch, args.decode_tokens),
+                         "vllm": lambda: worker.decode(batch, args.decode_tokens)["decode_s"]}
+                for side in (("ours", "vllm") if rnd % 2 == 0 else ("vllm", "ours")):
+                    tps = b * args.decode_tokens / sides[side]()
+                    decode.setdefault(f"{side}:batch{b}", []).append(tps)
+                    time.sleep(args.gap_s)
+                print(f"decode round {rnd + 1}/{args.repeat} batch {b}: " +
+                      ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in decode.items() if k.endswith(f"batch{b}")), file=sys.stderr, flush=True)
     finally:
         worker.close()
         harness.close()
@@ -267,16 +256,18 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tokens_mean": statistics.mean(len(p[2]) for p in prompts),
         "passages": args.passages, "ratio": args.ratio, "repeat": args.repeat, "questions": len(prompts),
         "ttft_median_s": med, "ttft_samples_s": samples,
+        "decode_tokens_per_s_median": {k: statistics.median(v) for k, v in decode.items()}, "decode_samples": decode,
+        "decode_prompt_tokens": args.decode_prompt_tokens, "decode_tokens": args.decode_tokens,
         "cacheblend_speedup_vs_vllm_full": med["vllm:full_prefill"] / cb,
         "cacheblend_speedup_vs_vllm_prefix_caching": med["vllm:prefix_caching"] / cb,
         "cacheblend_speedup_vs_our_full": med["ours:full_prefill"] / cb,
         "our_full_vs_vllm_full": med["vllm:full_prefill"] / med["ours:full_prefill"],
-        "targets": {"vs_vllm_full": 3.0, "vs_vllm_prefix_caching": 2.5},
+        "targets": {"vs_vllm_full": 3.5, "vs_vllm_prefix_caching": 3.5},
         "first_token_agreement": statistics.mean(c["same_first_token"] for c in checks),
         "checks": checks,
         "config": {"vllm": worker.hello.get("vllm"), "vllm_startup_s": worker.hello.get("startup_s"),
-                   "vllm_dtype": args.vllm_dtype, "vllm_block_size": args.vllm_block_size, "vllm_env": env,
-                   "vllm_eager": not args.vllm_compile,
+                   "vllm_configuration": vllm_config, "vllm_dtype": vllm_dtype, "vllm_block_size": args.vllm_block_size,
+                   "vllm_env": env, "vllm_eager": not args.vllm_compile,
                    "our_dtype": str(engine.model.dtype), "our_threads": torch.get_num_threads(),
                    "model_dir": str(model_dir), "kv_storage_dtype": engine.settings.kv_storage_dtype},
     }
@@ -294,16 +285,15 @@ def format_result(r: dict) -> str:
     for k, v in r["ttft_median_s"].items():
         lines.append(f"{k:<28} {v:>13.3f}")
     lines += ["",
-              f"cacheblend@{r['ratio']:g} vs vLLM full prefill:    {r['cacheblend_speedup_vs_vllm_full']:.2f}x lower TTFT (target >= 3x)",
-              f"cacheblend@{r['ratio']:g} vs vLLM prefix caching:  {r['cacheblend_speedup_vs_vllm_prefix_caching']:.2f}x lower TTFT (target >= 2.5x)",
+              f"cacheblend@{r['ratio']:g} vs vLLM full prefill:    {r['cacheblend_speedup_vs_vllm_full']:.2f}x lower TTFT (target >= 3.5x)",
+              f"cacheblend@{r['ratio']:g} vs vLLM prefix caching:  {r['cacheblend_speedup_vs_vllm_prefix_caching']:.2f}x lower TTFT (target >= 3.5x)",
               f"cacheblend@{r['ratio']:g} vs our full prefill:     {r['cacheblend_speedup_vs_our_full']:.2f}x",
-              f"vLLM full prefill vs ours:         {r['our_full_vs_vllm_full']:.2f} (vLLM TTFT / our TTFT)"]
+              f"vLLM full prefill vs ours:         {r['our_full_vs_vllm_full']:.2f} (vLLM TTFT / our TTFT)",
+              f"vLLM configuration: {r['config']['vllm_configuration']}; ours: {r['config']['our_dtype']}"]
+    dec = r["decode_tokens_per_s_median"]
+    if dec:
+        lines += ["", f"decode tokens/s (summed over the batch; {r['decode_prompt_tokens']}-token prompts, {r['decode_tokens']} new tokens each):"]
+        for b in sorted({k.split(":batch")[1] for k in dec}, key=int):
+            ours, vllm = dec[f"ours:batch{b}"], dec[f"vllm:batch{b}"]
+            lines.append(f"  batch {b:>2}: ours {ours:.1f}, vLLM {vllm:.1f} (ours / vLLM {ours / vllm:.2f})")
     return "\n".join(lines)
-
-
-
-if __name__ == "__main__":
-    # executed directly only by the vLLM venv's python, as the worker side of the benchmark
-    if sys.argv[1:2] != ["--worker"]:
-        sys.exit("run `cacheblend bench peer`; this file runs directly only as its vLLM worker (--worker)")
-    sys.exit(worker_main(sys.argv[2:]))

@@ -8,7 +8,7 @@ CLI flags (`--<name-in-kebab-case>`). The same name is used everywhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, get_args
+from typing import Annotated, Any, Literal, Optional, Sequence, get_args
 
 import json
 
@@ -33,6 +33,26 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def check_layer_rules(layers: Sequence[int], num_layers: Optional[int] = None) -> None:
+    """Check layers: at least one, strictly increasing, inside the model (ValueError if not)."""
+    if not layers:
+        raise ValueError("check_layers must name at least one layer")
+    if sorted(set(layers)) != list(layers):
+        raise ValueError("check_layers must be strictly increasing")
+    if num_layers is not None and not all(0 <= x < num_layers for x in layers):
+        raise ValueError(f"check_layers must be layer indices in [0, {num_layers})")
+
+
+def check_ratio_rules(ratios: Sequence[float], num_check_layers: int) -> None:
+    """Ratios: one per check layer, each in [0, 1], never rising (ValueError if not)."""
+    if len(ratios) != num_check_layers:
+        raise ValueError("check_ratios needs one ratio per check layer")
+    if any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise ValueError("check_ratios must lie in [0, 1]")
+    if any(b > a for a, b in zip(ratios, ratios[1:])):
+        raise ValueError("check_ratios must not increase from one check layer to the next")
+
+
 IntList = Annotated[list[int], NoDecode, BeforeValidator(_split_list)]
 FloatList = Annotated[list[float], NoDecode, BeforeValidator(_split_list)]
 
@@ -44,7 +64,7 @@ class Settings(BaseSettings):
     model: str = Field("embedded", description="Local Hugging Face model directory, or 'embedded' for SmolLM2-135M-Instruct")
     served_model_name: Optional[str] = Field(None, description="Model name reported by the API (default: derived from --model)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX where it measures faster, else float32)")
     max_model_len: int = Field(8192, ge=16, description="Longest prompt + completion in tokens")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Folder for the converted embedded model and the disk KV tier")
 
@@ -82,7 +102,8 @@ class Settings(BaseSettings):
     # --- server ---
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8000, ge=0, le=65535, description="Bind port")
-    api_key: Optional[str] = Field(None, description="Bearer token required on /v1 routes")
+    api_key: Optional[str] = Field(None, description="Bearer token required on /v1 routes and the API docs")
+    api_docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set)")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted request body")
     max_chunks_per_request: int = Field(64, ge=1, description="Most chunks in one request")
     max_chunk_tokens: int = Field(4096, ge=1, description="Longest chunk in tokens")
@@ -104,17 +125,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if not self.check_layers:
-            raise ValueError("check_layers must name at least one layer")
-        if sorted(set(self.check_layers)) != list(self.check_layers):
-            raise ValueError("check_layers must be strictly increasing")
+        check_layer_rules(self.check_layers)
         if self.check_ratios is not None:
-            if len(self.check_ratios) != len(self.check_layers):
-                raise ValueError("check_ratios needs one ratio per check layer")
-            if any(b > a for a, b in zip(self.check_ratios, self.check_ratios[1:])):
-                raise ValueError("check_ratios must not increase from one check layer to the next")
-            if any(not 0.0 <= r <= 1.0 for r in self.check_ratios):
-                raise ValueError("check_ratios must lie in [0, 1]")
+            check_ratio_rules(self.check_ratios, len(self.check_layers))
         if self.controller_min_ratio > self.controller_max_ratio:
             raise ValueError("controller_min_ratio must not exceed controller_max_ratio")
         return self

@@ -27,18 +27,11 @@ import torch
 
 from engine.attention import CausalPlan, causal_attention
 from engine.model import Transformer
+from engine.request import BlendSpec
 from engine.selection import kv_deviation, num_selected, select_hkvd, select_pooled
 
 T = TypeVar("T")
 ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
-
-
-@dataclass
-class BlendSpec:
-    check_layers: list[int] = field(default_factory=list)  # empty: no selection (full_reuse)
-    ratios: list[float] = field(default_factory=list)
-    signal: str = "value"                                  # "value" | "key" | "sensitivity" | "random"
-    pool: float = 0.5                                      # "sensitivity": share pre-selected by value deviation
 
 
 @dataclass
@@ -65,6 +58,7 @@ class PrefillInput:
     chunk_layer: Optional[ChunkLayerFn] = None    # per-layer chunk KV in span order
     chunk_sensitivity: Optional[Callable[[], list[Optional[torch.Tensor]]]] = None  # per span [e - s], or None
     collect_pre_rope: bool = False                # also return every token's pre-RoPE K (chunk precompute)
+    token_scores: Optional[torch.Tensor] = None   # [N] caller-given scores; check layers rank by these instead of the KV deviation
 
 
 @dataclass
@@ -164,12 +158,15 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
             is_cand = is_cached[active]                     # [S] active chunk tokens
             cand_pos = active[is_cand]
             num_keep = num_selected(check[layer], n_chunk)
-            if spec.signal == "random":  # control: as many tokens, chosen without looking at the KV
+            if inp.token_scores is not None:  # research: a ranking the caller computed (e.g. an oracle's)
+                deviation = inp.token_scores.to(dev)[cand_pos]
+            elif spec.signal == "random":  # control: as many tokens, chosen without looking at the KV
                 deviation = torch.rand(cand_pos.numel(), generator=torch.Generator().manual_seed(N + layer)).to(dev)
             else:
                 fresh = (k if spec.signal == "key" else v)[:, is_cand]
                 deviation = kv_deviation(fresh, (K if spec.signal == "key" else V)[:, cand_pos])
-            sensitivity = span_sensitivity(inp, N, dev) if spec.signal == "sensitivity" and layer == first_check else None
+            pooled = spec.signal == "sensitivity" and layer == first_check and inp.token_scores is None
+            sensitivity = span_sensitivity(inp, N, dev) if pooled else None
             if sensitivity is not None:
                 keep = select_pooled(deviation, sensitivity[cand_pos], num_keep, num_selected(spec.pool, n_chunk))
             else:

@@ -64,11 +64,17 @@ def _table(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> t
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [H, S, D]; cos, sin: [S, D] -> x rotated to those positions (HF's half-split layout)."""
-    return (x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)).to(x.dtype)
+    """x: [H, S, D]; cos, sin: [S, D] float32 -> x rotated to those positions (HF's half-split layout).
+
+    Computed in float32 (bf16 cos/sin would blur positions far apart), on the two halves directly:
+    the tables repeat their first half, so out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin.
+    """
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]                 # [H, S, D/2]
+    c, s = cos[..., :half], sin[..., :half]                 # [S, D/2]
+    out = torch.empty(xf.shape, dtype=torch.float32, device=x.device)
+    torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)
+    torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s)
+    return out.to(x.dtype)

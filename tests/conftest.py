@@ -15,10 +15,12 @@ DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "musique_s.j
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory):
-    """Defaults, except the disk tier lives in a temp folder (tests leave nothing behind)."""
+    """Defaults, except the disk tier lives in a temp folder (tests leave nothing behind) and the
+    compute is float32 (tests compare against Hugging Face's float32 reference; `auto` would take
+    bf16 on a CPU with native bf16 dot products)."""
     from config import Settings
 
-    return Settings(kv_disk_path=tmp_path_factory.mktemp("kv"))
+    return Settings(kv_disk_path=tmp_path_factory.mktemp("kv"), dtype="float32")
 
 
 @pytest.fixture(scope="session")

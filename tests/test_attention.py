@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_hf_model
 from engine import attention
-from engine.attention import CausalPlan, causal_attention
+from engine.attention import CausalPlan, causal_attention, decode_attention
 from engine.model import Transformer
 
 
@@ -23,21 +23,31 @@ def brute_force(q, k, v, q_pos):
     return out
 
 
+# bf16: the kernel accumulates in fp32 but rounds its output to bf16 (8 mantissa bits, values ~1)
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block", [4, 128])
-def test_scattered_queries_match_brute_force(monkeypatch, block):
+def test_scattered_queries_match_brute_force(monkeypatch, block, dtype):
     monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     g = torch.Generator().manual_seed(0)
     N, D = 90, 16
     q_pos = torch.sort(torch.randperm(N, generator=g)[:23]).values
-    q = torch.randn(4, q_pos.numel(), D, generator=g)
-    k, v = torch.randn(2, N, D, generator=g), torch.randn(2, N, D, generator=g)
-    assert torch.allclose(causal_attention(q, k, v, CausalPlan(q_pos, N, q.dtype)), brute_force(q, k, v, q_pos), atol=1e-5)
+    q = torch.randn(4, q_pos.numel(), D, generator=g).to(dtype)
+    k, v = torch.randn(2, N, D, generator=g).to(dtype), torch.randn(2, N, D, generator=g).to(dtype)
+    got = causal_attention(q, k, v, CausalPlan(q_pos, N, q.dtype))
+    assert got.dtype == dtype
+    # the reference sees the very same (rounded) inputs, in fp32 with a float64 softmax
+    assert torch.allclose(got.float(), brute_force(q.float(), k.float(), v.float(), q_pos), atol=ATOL[dtype])
 
 
-def test_all_positions_use_causal_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_positions_use_causal_path(dtype):
     g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(4, 30, 8, generator=g), torch.randn(2, 30, 8, generator=g), torch.randn(2, 30, 8, generator=g)
-    assert torch.allclose(causal_attention(q, k, v, CausalPlan(torch.arange(30), 30, q.dtype)), brute_force(q, k, v, torch.arange(30)), atol=1e-5)
+    q, k, v = (torch.randn(h, 30, 8, generator=g).to(dtype) for h in (4, 2, 2))
+    got = causal_attention(q, k, v, CausalPlan(torch.arange(30), 30, q.dtype))
+    assert torch.allclose(got.float(), brute_force(q.float(), k.float(), v.float(), torch.arange(30)), atol=ATOL[dtype])
 
 
 def test_exact_mask_on_tiny_model_layer(monkeypatch):
@@ -56,3 +66,27 @@ def test_exact_mask_on_tiny_model_layer(monkeypatch):
     # and the rows equal full causal attention's rows at those positions
     full = causal_attention(q, k, v, CausalPlan(pos, N, q.dtype))
     assert torch.allclose(got, full[:, q_pos], atol=1e-5)
+
+
+def test_folded_query_heads_match_brute_force(monkeypatch):
+    """The CUDA layout (each KV head's query heads folded into one call's rows), forced on CPU."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+    monkeypatch.setattr(attention, "_fold_groups", lambda q: True)
+    g = torch.Generator().manual_seed(3)
+    N, D = 70, 16
+    q_pos = torch.sort(torch.randperm(N, generator=g)[:19]).values
+    q = torch.randn(6, q_pos.numel(), D, generator=g)
+    k, v = torch.randn(2, N, D, generator=g), torch.randn(2, N, D, generator=g)
+    plan = CausalPlan(q_pos, N, q.dtype)
+    assert torch.allclose(causal_attention(q, k, v, plan), brute_force(q, k, v, q_pos), atol=1e-5)
+    assert all(b.folded.shape == (3 * (b.stop - b.start), b.keys) for b in plan.blocks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_query_sees_its_whole_cache(dtype):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(6, 16, generator=g).to(dtype), torch.randn(2, 41, 16, generator=g).to(dtype), torch.randn(2, 41, 16, generator=g).to(dtype)
+    got = decode_attention(q, k, v)
+    assert got.shape == (6, 16) and got.dtype == dtype
+    ref = brute_force(q.float()[:, None], k.float(), v.float(), torch.tensor([40]))[:, 0]
+    assert torch.allclose(got.float(), ref, atol=ATOL[dtype])

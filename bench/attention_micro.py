@@ -1,0 +1,87 @@
+"""`cacheblend bench attention`: the engine's attention against the alternatives it was chosen over.
+
+SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64), random inputs, one layer:
+- causal prefill over all N tokens: `causal_attention` (torch's CPU flash kernel) vs blocked
+  attention on plain matmuls, each KV head's query heads stacked into one GEMM, exact softmax;
+- selected queries (a share of the positions, scattered) over the whole cache with the exact
+  causal mask: `causal_attention` at several query-block sizes.
+Candidates interleaved round by round (the machine is shared); the median per candidate printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from engine import attention
+from engine.attention import CausalPlan, causal_attention
+
+H, HKV, D = 9, 3, 64
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attention", help="attention kernels at one context length (microbenchmark)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=6296)
+    p.add_argument("--selected", type=float, default=0.16, help="share of positions queried in the masked case (default: %(default)s)")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    p.set_defaults(func=run)
+
+
+def blocked_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Causal attention from matmuls: q [H, N, D], k, v [Hkv, N, D] -> [H, N, D]; fp32 softmax."""
+    Hq, N, Dh = q.shape
+    G = Hq // k.shape[0]
+    out = torch.empty_like(q)
+    for start in range(0, N, block):
+        stop = min(N, start + block)
+        qb = q[:, start:stop].reshape(k.shape[0], G * (stop - start), Dh)            # [Hkv, G*B, D]
+        s = torch.bmm(qb, k[:, :stop].transpose(1, 2)).float().mul_(1 / math.sqrt(Dh))  # [Hkv, G*B, stop]
+        s = s.view(k.shape[0], G, stop - start, stop)
+        s[..., start:].masked_fill_(torch.ones(stop - start, stop - start, dtype=torch.bool).triu(1), float("-inf"))
+        p = torch.softmax(s, -1).to(q.dtype).view(k.shape[0], G * (stop - start), stop)
+        out[:, start:stop] = torch.bmm(p, v[:, :stop]).view(Hq, stop - start, Dh)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    N = args.tokens
+    g = torch.Generator().manual_seed(0)
+    q32, k32, v32 = (torch.randn(h, N, D, generator=g) for h in (H, HKV, HKV))
+    sel = torch.sort(torch.randperm(N - 1, generator=g)[: int(args.selected * N) - 1]).values
+    sel = torch.cat([sel, torch.tensor([N - 1])])                                      # the last token is always queried
+    samples: dict[str, list[float]] = {}
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        q, k, v = q32.to(dtype), k32.to(dtype), v32.to(dtype)
+        qs = q[:, sel].contiguous()
+        full = CausalPlan(torch.arange(N), N, dtype)
+        plans = {}
+        for b in (128, 256, 512, 1024):
+            attention.QUERY_BLOCK = b
+            plans[b] = CausalPlan(sel, N, dtype)
+        attention.QUERY_BLOCK = 256
+        cands = {"causal: engine (SDPA flash)": lambda: causal_attention(q, k, v, full),
+                 "causal: blocked matmul": lambda: blocked_matmul(q, k, v)}
+        cands.update({f"selected: engine, {b}-query blocks": (lambda p=p: causal_attention(qs, k, v, p)) for b, p in plans.items()})
+        for _ in range(args.repeat):
+            for label, fn in cands.items():
+                t = time.perf_counter()
+                fn()
+                samples.setdefault(f"{name} {label}", []).append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    print(f"{N} tokens, {sel.numel()} selected queries; median of {args.repeat} (s)")
+    for label, s in med.items():
+        print(f"  {label:<48} {s:8.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"tokens": N, "selected": sel.numel(), "median_s": med, "samples_s": samples}, indent=2))
+    return 0
