@@ -27,7 +27,7 @@ from engine.prefill import Prefilled, Prefiller
 from engine.prefix_cache import PrefixCache
 from engine.prompt import chat_segments, completion_segments
 from engine.quality_runs import QualityJob, QualityMonitor
-from engine.request import BlendParams, Request, RequestError, RequestOutput
+from engine.request import BlendParams, Request, RequestOutput
 from engine.resolve import resolve_blend, resolve_max_tokens
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler
@@ -38,8 +38,6 @@ from kvstore import build_store
 from kvstore.base import ChunkStore
 
 log = logging.getLogger(__name__)
-
-__all__ = ["LLMEngine", "RequestError"]
 
 
 class LLMEngine:
