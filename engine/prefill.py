@@ -95,22 +95,23 @@ class Prefiller:
         cache = KVCache.allocate(self.model, max(capacity, N))
         ids_t = torch.tensor(ids, device=dev)
         spans_ = [span for _, span in chunks]
-        loader = LayerPrefetcher(self.store, stored_keys, self.model.cfg.num_layers) if stored_keys else None
-        try:
-            source = _ChunkSource([seg.chunk_key for seg, _ in chunks], computed, loader)
+        keys = [seg.chunk_key for seg, _ in chunks]
+
+        def blend(source: _ChunkSource) -> Generator[None, None, PrefillResult]:
             inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, source.layer if chunks else None,
                                chunk_sensitivity=source.sensitivity, token_scores=token_scores)
-            result = yield from blend_prefill_steps(self.model, inp, spec, cache)
+            return blend_prefill_steps(self.model, inp, spec, cache)
+
+        loader = LayerPrefetcher(self.store, stored_keys, self.model.cfg.num_layers) if stored_keys else None
+        try:
+            result = yield from blend(_ChunkSource(keys, computed, loader))
         except ChunkMissing as e:
             # evicted or found corrupt mid-stream: recompute it and serve every chunk from memory
             log.warning("chunk %s vanished during prefill; recomputing it", e.key)
             loader.close()
             computed[e.key] = self._compute_and_store(next(seg for seg, _ in chunks if seg.chunk_key == e.key))
             kvs = {seg.chunk_key: computed.get(seg.chunk_key) or self.ensure_chunk(seg) for seg, _ in chunks}
-            source = _ChunkSource(list(kvs), kvs, None)
-            inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, source.layer,
-                               chunk_sensitivity=source.sensitivity, token_scores=token_scores)
-            result = yield from blend_prefill_steps(self.model, inp, spec, cache)
+            result = yield from blend(_ChunkSource(keys, kvs, None))
         finally:
             if loader is not None:
                 loader.close()

@@ -159,6 +159,8 @@ class ChunkRegistry:
             record = _parse(self._breaker.call("GET", lambda: redis_client.get(RECORD_PREFIX + key), None), key)
             if record is not None:
                 self._write_local(record)
+                with self._lock:
+                    self._unpublished.discard(key)  # it came from Redis
         return record
 
     def __contains__(self, key: object) -> bool:
