@@ -125,6 +125,21 @@ def truncate(record: Record, max_chars: Optional[int]) -> Record:
     return Record(record.index, record.question, record.answers, tuple(cut(p) for p in record.passages))
 
 
+def long_document(records: Sequence[Record], min_chars: int) -> str:
+    """A long text for the document benchmark and tests: the distinct passages of `records`, in
+    order, joined by blank lines, up to the first that brings it to `min_chars` characters
+    (ValueError if all of them fall short)."""
+    seen, parts, size = set(), [], 0
+    for passage in (p for r in records for p in r.passages):
+        if passage not in seen:
+            seen.add(passage)
+            parts.append(passage)
+            size += len(passage) + 2
+            if size - 2 >= min_chars:
+                return "\n\n".join(parts)
+    raise ValueError(f"these {len(records)} records hold fewer than {min_chars} characters of distinct passages")
+
+
 # --- prompt layout -----------------------------------------------------------------------
 
 

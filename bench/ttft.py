@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Optional
 
 from bench.dataset import PREFIX, Record, load, suffix_for
 from config import MODES, add_settings_flags, load_settings
@@ -61,11 +62,16 @@ def bench_engine(args: argparse.Namespace, **overrides) -> LLMEngine:
     return LLMEngine(load_settings(args, chat_preamble=PREFIX, **overrides))
 
 
-def measure(engine: LLMEngine, segments: list[Segment], mode: str, ratio: float) -> RequestStats:
+def measure(engine: LLMEngine, segments: list[Segment], mode: str, ratio: Optional[float],
+            max_tokens: int = 1) -> RequestStats:
+    """One greedy request in `mode` (ratio None: the engine's default), the prefix warmed for
+    the reuse modes; its stats (`ttft_s`, and `e2e_s` covering the `max_tokens` generated)."""
     engine.prefix_cache.clear()
     if mode != "full_prefill":
         engine.warm_prefix(segments)
-    req = engine.make_request(f"bench-{mode}", segments, SamplingParams(max_tokens=1, temperature=0),
+    # ignore_eos: every mode generates all `max_tokens`, so their times compare like for like.
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    req = engine.make_request(f"bench-{mode}", segments, sampling,
                               BlendParams(mode=mode, recompute_ratio=ratio if mode == "cacheblend" else None))
     return engine.generate([req])[req.request_id]["stats"]
 

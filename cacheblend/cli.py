@@ -13,7 +13,8 @@ import sys
 
 COMMANDS = {
     "serve": ("server.cli", "serve the OpenAI-compatible API"),
-    "bench": ("bench.cli", "benchmarks: ttft, kv-tiers, load, peer, gpu"),
+    "analyze": ("server.analyze_cli", "one question over a long text file, window by window (a server's client)"),
+    "bench": ("bench.cli", "benchmarks: ttft, kv-tiers, load, peer, gpu, documents"),
     "eval": ("bench.eval", "quality and TTFT of every mode on MuSiQue"),
     "tune": ("bench.tune", "pick the smallest recompute ratio within a quality tolerance"),
     "inspect": ("bench.inspect", "HKVD selection and TTFT breakdown of one request"),

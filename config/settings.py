@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     chunk_context: Literal["sink", "prefix"] = Field("prefix", description="Precompute convention: the default prompt prefix (measured best), or a sink token, in front of each chunk")
     recompute_chunk_head: int = Field(0, ge=0, description="Always recompute the first N tokens of every chunk (their own attention sink)")
     prefix_cache_bytes: int = Field(512 << 20, ge=0, description="Bytes of exact leading-segment KV kept for prefix reuse")
+    turn_reuse: bool = Field(True, description="Keep the KV of chat turns (messages) in the chunk store and blend it back when a turn reappears at another position")
 
     # --- scheduling and decoding ---
     max_num_seqs: int = Field(16, ge=1, description="Requests decoded together in one batch")
@@ -112,6 +113,11 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="Log line format")
     log_level: str = Field("INFO", description="Log level")
 
+    # --- documents ---
+    document_chunk_tokens: int = Field(512, ge=16, description="Tokens per piece of a document registered with POST /v1/documents (capped by max_chunk_tokens)")
+    document_overlap_tokens: int = Field(32, ge=0, description="Tokens each document piece repeats from the end of the previous one")
+    max_document_chars: int = Field(2_000_000, ge=1, description="Longest document in characters (its JSON body must also fit max_body_bytes)")
+
     # --- quality monitoring ---
     quality_sample_rate: float = Field(0.0, ge=0.0, le=1.0, description="Share of requests also run with full_prefill to measure quality")
     quality_compare_tokens: int = Field(16, ge=1, description="Greedy tokens compared per sampled request")
@@ -128,6 +134,8 @@ class Settings(BaseSettings):
         check_layer_rules(self.check_layers)
         if self.check_ratios is not None:
             check_ratio_rules(self.check_ratios, len(self.check_layers))
+        if self.document_overlap_tokens >= self.document_chunk_tokens:
+            raise ValueError("document_overlap_tokens must be smaller than document_chunk_tokens")
         if self.controller_min_ratio > self.controller_max_ratio:
             raise ValueError("controller_min_ratio must not exceed controller_max_ratio")
         return self

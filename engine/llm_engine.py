@@ -23,9 +23,9 @@ from engine.decode import decode_step
 from engine.detok import Detokenizer
 from engine.loader import load_model
 from engine.model import Transformer
-from engine.prefill import Prefilled, Prefiller
+from engine.prefill import BLEND_MODES, Prefilled, Prefiller
 from engine.prefix_cache import PrefixCache
-from engine.prompt import chat_segments, completion_segments
+from engine.prompt import chat_segments, completion_segments, turn_ids
 from engine.quality_runs import QualityJob, QualityMonitor
 from engine.request import BlendParams, Request, RequestOutput
 from engine.resolve import resolve_blend, resolve_max_tokens
@@ -34,6 +34,7 @@ from engine.scheduler import Scheduler
 from engine.segments import Segment
 from engine.sequence import Sequence
 from engine.stats import RequestStats
+from engine.turns import TurnKeeper
 from kvstore import build_store
 from kvstore.base import ChunkStore
 
@@ -57,7 +58,9 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes)
         precompute = Precompute.for_settings(tokenizer, settings.chunk_context, settings.chat_preamble,
                                              with_probe=settings.selection_signal == "sensitivity")
-        self.prefiller = Prefiller(model, tokenizer, self.store, precompute, self.prefix_cache, settings.recompute_chunk_head)
+        self.prefiller = Prefiller(model, tokenizer, self.store, precompute, self.prefix_cache, settings.recompute_chunk_head,
+                                   settings.turn_reuse)
+        self.turns = TurnKeeper(model, tokenizer, self.store, self.prefiller.turn_key) if settings.turn_reuse else None
         self.quality = QualityMonitor(settings, self.prefiller, self.eos_ids)
         self.scheduler: Scheduler[Sequence] = Scheduler(settings.max_num_seqs, settings.max_queue)
 
@@ -75,19 +78,28 @@ class LLMEngine:
         return self.prefiller.chunk_from_text(text)
 
     def chat_segments(self, messages: list[dict], chunks: list[Segment]) -> list[Segment]:
-        return chat_segments(self.tokenizer, messages, chunks, self.settings.chat_preamble)
+        return chat_segments(self.tokenizer, messages, chunks, self.settings.chat_preamble, self.prefiller.turn_key)
+
+    def user_turn(self, messages: list[dict]) -> tuple[int, ...]:
+        """The last user message as a turn, to keep after the prefill: only inside a conversation
+        (single-shot requests would fill the store with turns nobody sends back)."""
+        if self.turns is None or sum(m["role"] != "system" for m in messages) < 2:
+            return ()
+        return turn_ids(self.tokenizer, messages[-1]) or ()
 
     def completion_segments(self, prompt: str, chunks: list[Segment]) -> list[Segment]:
         return completion_segments(self.tokenizer, prompt, chunks, self.settings.completion_prefix)
 
     def make_request(self, request_id: str, segments: Seq[Segment], sampling: SamplingParams = SamplingParams(),
-                     blend: BlendParams = BlendParams(), input_param: str = "messages") -> Request:
+                     blend: BlendParams = BlendParams(), input_param: str = "messages", user_turn: tuple[int, ...] = ()) -> Request:
         """The request resolved once: max_tokens against the context (None: up to the limit)
-        and the blend spec from `blend` over the settings. RequestError names the bad field."""
+        and the blend spec from `blend` over the settings. RequestError names the bad field.
+        `user_turn` (from `user_turn`): kept with the reply for the conversation's next request."""
         n = sum(len(s) for s in segments)
         max_tokens = resolve_max_tokens(n, sampling.max_tokens, self.max_model_len, input_param)
         mode, spec = resolve_blend(blend, self.settings, self.model.cfg.num_layers, self.recompute_ratio)
-        return Request(request_id, tuple(segments), dataclasses.replace(sampling, max_tokens=max_tokens), mode, spec)
+        return Request(request_id, tuple(segments), dataclasses.replace(sampling, max_tokens=max_tokens), mode, spec,
+                       user_turn if mode in BLEND_MODES else ())
 
     # --- scheduling -------------------------------------------------------------------------
 
@@ -136,7 +148,9 @@ class LLMEngine:
         seq.cache = pre.result.cache
         if self.quality.wants(req.mode):
             seq.quality_logits = pre.result.logits.clone()
-        self.prefiller.remember_prefix(req.segments, req.mode, pre.result.cache)
+        self.prefiller.remember_prefix(req.segments, pre)
+        if self.turns is not None:
+            self._keep(lambda: self.turns.keep_prompt(req.segments, pre.computed_turns, seq.cache, req.user_turn))
         _record_prefill(st, req, pre, first_decode_s=now - t0, ttft_s=now - req.arrival_time)
         out = seq.append(token, self.eos_ids)
         if not out.finished:
@@ -164,12 +178,22 @@ class LLMEngine:
         a quality re-run)."""
         if not out.finished:
             return out
+        if req_keeps_reply(seq, out, self.eos_ids):
+            self._keep(lambda: self.turns.keep_reply(seq.request.token_ids, seq.output_ids, seq.cache))
+        seq.cache = None  # frees the fused KV
         self.scheduler.finish(seq)
         if seq.quality_logits is not None and out.finish_reason in ("stop", "length"):
             greedy = seq.output_ids[: self.quality.compare_tokens] if seq.request.sampling.greedy else None
             self.quality.submit(QualityJob(seq.request, seq.stats.ratio, seq.quality_logits, greedy))
         log.debug("finished %s: %s", seq.request_id, seq.stats.breakdown(), extra={"request_id": seq.request_id})
         return out
+
+    def _keep(self, keep) -> None:
+        """Keeping turn KV is an optimisation: a failure is logged, never the request's."""
+        try:
+            keep()
+        except Exception:
+            log.exception("could not keep turn KV")
 
     # --- direct use (benchmarks, evaluation, tests) -----------------------------------------
 
@@ -206,6 +230,12 @@ class LLMEngine:
         return results
 
 
+def req_keeps_reply(seq: Sequence, out: RequestOutput, eos_ids: set[int]) -> bool:
+    """A conversation's reply that ended in EOS (so its rendering as a turn is known) is kept."""
+    return (bool(seq.request.user_turn) and out.finish_reason == "stop" and seq.cache is not None
+            and bool(seq.output_ids) and seq.output_ids[-1] in eos_ids)
+
+
 def _record_prefill(st: RequestStats, req: Request, pre: Prefilled, first_decode_s: float, ttft_s: float) -> None:
     ps = pre.result.stats
     st.mode = req.mode
@@ -213,7 +243,8 @@ def _record_prefill(st: RequestStats, req: Request, pre: Prefilled, first_decode
     st.tokens_reused = ps.num_tokens - ps.recomputed_tokens
     st.tokens_recomputed = ps.recomputed_tokens
     st.exact_tokens = ps.exact_tokens
-    st.chunk_tokens = ps.cached_tokens
+    st.chunk_tokens = ps.cached_tokens - pre.turn_tokens
+    st.turn_tokens = pre.turn_tokens
     st.recomputed_per_layer = ps.computed_per_layer
     st.selected_per_check_layer = {layer: len(p) for layer, p in ps.selected.items()}
     st.chunk_hits = pre.chunk_tiers

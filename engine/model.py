@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from engine.rope import Rope, apply_rope
+from engine.rope import Rope, apply_rope, unapply_rope
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -190,6 +190,11 @@ class Transformer:
         """x: [H, S, D] pre-RoPE at `positions` [S] -> rotated."""
         cos, sin = self.rope.cos_sin(positions, seq_len)
         return apply_rope(x, cos, sin)
+
+    def unrotate(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """x: [H, S, D] rotated to `positions` [S] -> pre-RoPE (turn KV is stored like a chunk's)."""
+        cos, sin = self.rope.cos_sin(positions, seq_len)
+        return unapply_rope(x, cos, sin)
 
     def finish_layer(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """h: [S, hidden], attn: [H, S, D] -> next hidden [S, hidden] (o-proj, residual, MLP)."""

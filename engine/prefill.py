@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator, Optional, Sequence
 
 import torch
@@ -22,18 +22,25 @@ from engine.request import BlendSpec
 from engine.segments import Segment, spans, token_ids, tokenize
 from kvstore import ChunkMissing, LayerPrefetcher
 from kvstore.base import ChunkKV, ChunkStore
+from kvstore.keys import chunk_key
 
 log = logging.getLogger(__name__)
+
+BLEND_MODES = ("full_reuse", "cacheblend")  # the modes that reuse chunk (and turn) KV
+TURN_CONVENTION = "turn-v1"
 
 
 @dataclass
 class Prefilled:
     """A prefill's result plus where its chunk KV came from."""
     result: PrefillResult
-    chunk_tiers: dict[str, int]  # tier -> chunks read from it (misses are not counted here)
+    chunk_tiers: dict[str, int]  # tier -> chunks (and turns) read from it (misses are not counted here)
     chunk_misses: int            # chunks computed during this prefill
     chunk_compute_s: float       # spent computing them
     kv_load_s: float             # the loader busy (overlapped with the compute)
+    turn_tokens: int = 0         # tokens whose KV came from stored turns
+    computed_turns: list[int] = field(default_factory=list)  # turn segments computed in full (keep them)
+    exact_segments: int = 0      # leading segments whose KV is exact (the prefix cache may keep them)
 
     @property
     def kv_wait_s(self) -> float:
@@ -47,13 +54,14 @@ class Prefilled:
 
 class Prefiller:
     def __init__(self, model: Transformer, tokenizer, store: ChunkStore, precompute: Precompute,
-                 prefix_cache: PrefixCache, recompute_chunk_head: int = 0):
+                 prefix_cache: PrefixCache, recompute_chunk_head: int = 0, reuse_turns: bool = True):
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
         self.precompute = precompute
         self.prefix_cache = prefix_cache
         self.recompute_chunk_head = recompute_chunk_head
+        self.reuse_turns = reuse_turns
         self.kv_dtype = str(model.dtype).removeprefix("torch.")
 
     # --- chunks -----------------------------------------------------------------------------
@@ -61,6 +69,10 @@ class Prefiller:
     def chunk_segment(self, ids: Sequence[int]) -> Segment:
         ids = tuple(ids)
         return Segment("chunk", ids, key_for(self.model, self.precompute, ids, self.kv_dtype))
+
+    def turn_key(self, ids: tuple[int, ...]) -> str:
+        """A turn's content key: its own convention (its KV is cut from a request, not precomputed)."""
+        return chunk_key(ids, self.model.fingerprint, self.kv_dtype, TURN_CONVENTION)
 
     def chunk_from_text(self, text: str) -> Segment:
         return self.chunk_segment(tokenize(self.tokenizer, text))
@@ -82,14 +94,17 @@ class Prefiller:
         N = len(ids)
         dev = self.model.device
         exact_len, exact_kv = self._exact_prefix(segments, mode, N)
-        chunks = self._reused_chunks(segments, mode, exact_len)
+        reused = self._reused(segments, mode, exact_len)
+        chunks = [(segments[i], span) for i, span in reused]
         forced = torch.ones(N, dtype=torch.bool, device=dev)
         for _, (s, e) in chunks:
             forced[min(s + self.recompute_chunk_head, e):e] = False  # chunk heads stay forced (their own sinks)
         forced[N - 1] = True
+        turn_tokens = sum(int((~forced[s:e]).sum()) for seg, (s, e) in chunks if seg.kind == "turn")
 
         t0 = time.perf_counter()
-        computed = {seg.chunk_key: self._compute_and_store(seg) for seg, _ in chunks if not self.store.contains(seg.chunk_key)}
+        computed = {seg.chunk_key: self._compute_and_store(seg) for seg, _ in chunks
+                    if seg.kind == "chunk" and not self.store.contains(seg.chunk_key)}
         compute_s = time.perf_counter() - t0
         stored_keys = [seg.chunk_key for seg, _ in chunks if seg.chunk_key not in computed]
         cache = KVCache.allocate(self.model, max(capacity, N))
@@ -120,19 +135,20 @@ class Prefiller:
             if key not in computed:
                 tier = loader.tiers.get(key, "cpu") if loader else "cpu"
                 tiers[tier] = tiers.get(tier, 0) + 1
+        reused_at = {i for i, _ in reused}
+        computed_turns = [i for i, (seg, (s, _)) in enumerate(zip(segments, spans(segments)))
+                          if seg.kind == "turn" and s >= exact_len and i not in reused_at and mode in BLEND_MODES
+                          and self.reuse_turns]
+        exact_segments = 0 if mode == "full_prefill" else min(reused_at, default=len(segments) - 1)
+        pre = Prefilled(result, tiers, len(computed), compute_s, loader.total_load_seconds if loader else 0.0,
+                        turn_tokens, computed_turns, exact_segments)
         if remember:
-            self.remember_prefix(segments, mode, cache)
-        return Prefilled(result, tiers, len(computed), compute_s, loader.total_load_seconds if loader else 0.0)
+            self.remember_prefix(segments, pre)
+        return pre
 
-    def remember_prefix(self, segments: Sequence[Segment], mode: str, cache: KVCache) -> None:
-        """Keep the exact leading segments for later requests (full_prefill is the no-reuse baseline)."""
-        if mode == "full_prefill":
-            return
-        if mode == "prefix_cache":
-            exact = len(segments) - 1  # all but the suffix
-        else:
-            exact = next((i for i, s in enumerate(segments) if s.kind == "chunk"), len(segments) - 1)
-        self.prefix_cache.insert(list(segments), exact, cache.k, cache.v)
+    def remember_prefix(self, segments: Sequence[Segment], pre: Prefilled) -> None:
+        """Keep the exact leading segments for later requests (never a blended one: its KV is approximate)."""
+        self.prefix_cache.insert(list(segments), pre.exact_segments, pre.result.cache.k, pre.result.cache.v)
 
     def _exact_prefix(self, segments: Sequence[Segment], mode: str, N: int):
         if mode == "full_prefill":
@@ -142,13 +158,12 @@ class Prefiller:
             return 0, None
         return exact_len, (entry.k[:, :, :exact_len], entry.v[:, :, :exact_len])
 
-    @staticmethod
-    def _reused_chunks(segments: Sequence[Segment], mode: str, exact_len: int) -> list[tuple[Segment, tuple[int, int]]]:
-        """(segment, span) of the chunks whose stored KV this prefill uses."""
-        if mode not in ("full_reuse", "cacheblend"):
+    def _reused(self, segments: Sequence[Segment], mode: str, exact_len: int) -> list[tuple[int, tuple[int, int]]]:
+        """(segment index, span) of the chunks, and the stored turns, whose KV this prefill reuses."""
+        if mode not in BLEND_MODES:
             return []
-        return [(seg, (s, e)) for seg, (s, e) in zip(segments, spans(segments))
-                if seg.kind == "chunk" and exact_len <= s < e]
+        return [(i, (s, e)) for i, (seg, (s, e)) in enumerate(zip(segments, spans(segments)))
+                if exact_len <= s < e and (seg.kind == "chunk" or (seg.kind == "turn" and self.reuse_turns and self.store.contains(seg.chunk_key)))]
 
     def _compute_and_store(self, segment: Segment) -> ChunkKV:
         """A chunk missed everywhere: computed now for this prefill; the store keeps it for the

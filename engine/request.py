@@ -47,6 +47,7 @@ class Request:
     sampling: SamplingParams
     mode: str
     spec: BlendSpec
+    user_turn: tuple[int, ...] = ()  # chat with turn reuse: the last user message rendered as a turn (kept after the prefill)
     arrival_time: float = field(default_factory=time.perf_counter)
 
     @cached_property

@@ -78,3 +78,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-1)
     torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s)
     return out.to(x.dtype)
+
+
+def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The inverse of `apply_rope`: post-RoPE x back to pre-RoPE. The tables carry yarn's scale m
+    (cos^2 + sin^2 = m^2), so: rotate by the negative angle, divide by m^2."""
+    scale = (cos * cos + sin * sin)[..., : x.shape[-1] // 2].repeat(1, 2)  # [S, D]
+    return (apply_rope(x.float(), cos, -sin) / scale).to(x.dtype)

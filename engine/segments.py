@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-SegmentKind = Literal["prefix", "chunk", "suffix"]
+SegmentKind = Literal["prefix", "turn", "chunk", "suffix"]
 
 
 @dataclass(frozen=True)
 class Segment:
     kind: SegmentKind
     token_ids: tuple[int, ...]
-    chunk_key: Optional[str] = None  # set on chunks: the content key of their KV
+    chunk_key: Optional[str] = None  # set on chunks and turns: the content key of their KV
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -58,7 +58,6 @@ class Sequence:
         return RequestOutput(self.request_id, text, [token])
 
     def finish(self, reason: str, text: str = "", last_token: Optional[int] = None, error: Optional[str] = None) -> RequestOutput:
-        self.cache = None  # frees the fused KV
         now = time.perf_counter()
         st = self.stats
         if reason == "abort":

@@ -21,7 +21,8 @@ class RequestStats:
     tokens_reused: int = 0                  # prompt tokens whose final-layer KV was not computed
     tokens_recomputed: int = 0
     exact_tokens: int = 0                   # from the prefix cache
-    chunk_tokens: int = 0                   # from stored chunk KV
+    chunk_tokens: int = 0                   # from stored chunk KV (before any recompute)
+    turn_tokens: int = 0                    # from the stored KV of earlier turns (before any recompute)
     recomputed_per_layer: list[int] = field(default_factory=list)
     selected_per_check_layer: dict[int, int] = field(default_factory=dict)
     chunk_hits: dict[str, int] = field(default_factory=dict)  # tier -> chunks read from it

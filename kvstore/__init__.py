@@ -3,6 +3,7 @@
 Entry points:
     build_store(settings, device) -> TieredStore    the tiered store from config.Settings
     build_registry(settings) -> ChunkRegistry       chunk ID -> text/tokens
+    build_documents(settings) -> DocumentRecords    document ID -> its ordered chunk IDs
     chunk_key(token_ids, model_fingerprint, kv_dtype, convention) -> str
     LayerPrefetcher, ChunkMissing                   layer-by-layer loading under compute
     bytes_per_token_per_layer(storage_dtype, num_kv_heads, head_dim) -> int
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvstore.base import ChunkKV, ChunkStore
+from kvstore.documents import DocumentRecords
 from kvstore.keys import chunk_key, check_key, is_key
 from kvstore.prefetch import ChunkMissing, LayerPrefetcher
 from kvstore.quant import STORAGE_DTYPES, bytes_per_token_per_layer
@@ -45,8 +47,8 @@ if TYPE_CHECKING:
     from config.settings import Settings
 
 __all__ = [
-    "ChunkKV", "ChunkStore", "ChunkMissing", "ChunkRegistry", "LayerPrefetcher", "TieredStore",
-    "STORAGE_DTYPES", "build_registry", "build_store", "bytes_per_token_per_layer", "check_key",
+    "ChunkKV", "ChunkStore", "ChunkMissing", "ChunkRegistry", "DocumentRecords", "LayerPrefetcher", "TieredStore",
+    "STORAGE_DTYPES", "build_documents", "build_registry", "build_store", "bytes_per_token_per_layer", "check_key",
     "chunk_key", "is_key",
 ]
 
@@ -83,3 +85,8 @@ def build_store(settings: "Settings", device: torch.device) -> TieredStore:
 def build_registry(settings: "Settings") -> ChunkRegistry:
     """The chunk registry under `<data_dir>/chunks`, shared through Redis when configured."""
     return ChunkRegistry(settings.data_dir / "chunks", settings.redis_url, settings.redis_timeout_s)
+
+
+def build_documents(settings: "Settings") -> DocumentRecords:
+    """The document records under `<data_dir>/documents`, next to the chunk registry's."""
+    return DocumentRecords(settings.data_dir / "documents")

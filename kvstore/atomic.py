@@ -33,13 +33,14 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def remove_temp_files(root: Path) -> int:
-    """Delete temp files an interrupted `atomic_write` left in `root`'s subfolders; returns how many.
+def remove_temp_files(root: Path, sharded: bool = True) -> int:
+    """Delete temp files an interrupted `atomic_write` left in `root`'s subfolders (`root`
+    itself when not `sharded`); returns how many.
 
     Only safe while no other process writes under `root` (one process owns a store folder).
     """
     removed = 0
-    for tmp in root.glob(f"*/{TEMP_PREFIX}*"):
+    for tmp in root.glob(f"*/{TEMP_PREFIX}*" if sharded else f"{TEMP_PREFIX}*"):
         if tmp.is_file():
             tmp.unlink(missing_ok=True)
             removed += 1

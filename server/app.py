@@ -21,9 +21,11 @@ from engine.llm_engine import LLMEngine
 from server.errors import APIError, install_error_handlers
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from server.protocol import ChatCompletionRequest, ChunkCreateRequest, CompletionRequest, ModelCard, ModelList
+from server.protocol_documents import DocumentAnalyzeRequest, DocumentCreateRequest
 from server.serving_chat import OpenAIServingChat
 from server.serving_chunks import OpenAIServingChunks
 from server.serving_completion import OpenAIServingCompletion
+from server.serving_documents import OpenAIServingDocuments
 from server.serving_engine import cancel_on_disconnect
 from server.state import ServerState, load_state
 
@@ -40,11 +42,13 @@ class Serving:
     chunks: OpenAIServingChunks
     chat: OpenAIServingChat
     completion: OpenAIServingCompletion
+    documents: OpenAIServingDocuments
 
     @classmethod
     def over(cls, state: ServerState) -> "Serving":
         chunks = OpenAIServingChunks(state)
-        return cls(state, chunks, OpenAIServingChat(state, chunks), OpenAIServingCompletion(state, chunks))
+        chat = OpenAIServingChat(state, chunks)
+        return cls(state, chunks, chat, OpenAIServingCompletion(state, chunks), OpenAIServingDocuments(state, chat))
 
 
 class Runtime:
@@ -158,5 +162,27 @@ def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
     @app.delete("/v1/chunks/{chunk_id}")
     async def delete_chunk(chunk_id: str) -> dict:
         return await rt.ready().chunks.delete(chunk_id)
+
+    # Registration and analysis are cancelled with their client: a registration then leaves
+    # nothing behind (a streamed one notices when its progress stream is cut).
+    @app.post("/v1/documents")
+    async def create_document(body: DocumentCreateRequest, raw_request: Request):
+        return await cancel_on_disconnect(rt.ready().documents.create(body), raw_request)
+
+    @app.get("/v1/documents")
+    async def list_documents(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> dict:
+        return await rt.ready().documents.list(after, limit)
+
+    @app.get("/v1/documents/{document_id}")
+    async def retrieve_document(document_id: str) -> dict:
+        return await rt.ready().documents.retrieve(document_id)
+
+    @app.delete("/v1/documents/{document_id}")
+    async def delete_document(document_id: str) -> dict:
+        return await rt.ready().documents.delete(document_id)
+
+    @app.post("/v1/documents/{document_id}/analyze")
+    async def analyze_document(document_id: str, body: DocumentAnalyzeRequest, raw_request: Request):
+        return await cancel_on_disconnect(rt.ready().documents.analyze(document_id, body), raw_request)
 
     return app

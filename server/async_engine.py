@@ -85,12 +85,19 @@ class AsyncEngine:
         return stream
 
     async def run_job(self, fn: Callable[[], T]) -> T:
-        """Run `fn` on the engine thread between steps (it may use the model) and return its result."""
+        """Run `fn` on the engine thread between steps (it may use the model) and return its result.
+        Cancelling the caller skips `fn` if it has not started; a started one runs to its end."""
+        return await asyncio.wrap_future(self.post_job(fn))
+
+    def post_job(self, fn: Callable[[], T]) -> "concurrent.futures.Future[T]":
+        """Queue `fn` for the engine thread without waiting (from any thread, even while being
+        cancelled). Jobs run one at a time in the order queued, so `fn` runs after every job
+        queued before it has ended."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cv:
             self._jobs.append((fn, future))
             self._cv.notify()
-        return await asyncio.wrap_future(future)
+        return future
 
     async def shutdown(self, timeout_s: float) -> None:
         """Refuse new requests, let running ones finish for up to `timeout_s`, abort the rest

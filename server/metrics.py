@@ -20,6 +20,7 @@ Counters
   cacheblend:generation_tokens_total{model_name}
   cacheblend:tokens_reused_total{model_name,mode}
   cacheblend:tokens_recomputed_total{model_name,mode}
+  cacheblend:prompt_tokens_cached_total{model_name,source}  source: exact|chunk|turn (KV before any recompute)
   cacheblend:chunk_hits_total{model_name,tier}            request view: where a needed chunk was found
   cacheblend:chunk_misses_total{model_name}               request view: chunks found nowhere (computed)
   cacheblend:kv_hits_total{model_name,tier}               store view: lookups per tier (a lower tier
@@ -86,6 +87,7 @@ F1_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 
 PHASES = ("kv_fetch", "selection", "recompute", "first_decode")
 DIRECTIONS = ("up", "down", "hold")
+CACHE_SOURCES = ("exact", "chunk", "turn")  # where a prompt token's KV came from
 
 # Store stats key -> counter attribute; the store reports running totals.
 _STORE_COUNTERS = {
@@ -141,6 +143,8 @@ class Metrics:
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
         self.tokens_reused = counter("tokens_reused", "Prompt tokens whose KV came from a cache", ["mode"])
         self.tokens_recomputed = counter("tokens_recomputed", "Prompt tokens whose KV was computed", ["mode"])
+        self.prompt_tokens_cached = counter("prompt_tokens_cached", "Prompt tokens whose KV came from this source "
+                                            "(exact prefix, chunk, earlier turn), before any recompute", ["source"])
         self.chunk_hits = counter("chunk_hits", "Chunks a request needed, by the tier they were found in", ["tier"])
         self.chunk_misses = counter("chunk_misses", "Chunks a request needed that no tier held")
         self.kv_hits = counter("kv_hits", "Store lookups answered by this tier", ["tier"])
@@ -169,6 +173,8 @@ class Metrics:
             self.requests.labels(m, status)
         for direction in DIRECTIONS:
             self.controller_decisions.labels(m, direction)
+        for source in CACHE_SOURCES:
+            self.prompt_tokens_cached.labels(m, source)
         for metric in (self.prompt_tokens, self.generation_tokens, self.chunk_misses, self.quality_samples,
                        self.quality_top1_agreement, self.quality_kl, self.quality_f1, self.running, self.waiting):
             metric.labels(m)
@@ -190,6 +196,8 @@ class Metrics:
         # Both reuse counters exist for every mode seen, so reused/(reused+recomputed) matches.
         _inc(self.tokens_reused.labels(m, mode), stats.tokens_reused)
         _inc(self.tokens_recomputed.labels(m, mode), stats.tokens_recomputed)
+        for source in CACHE_SOURCES:
+            _inc(self.prompt_tokens_cached.labels(m, source), getattr(stats, f"{source}_tokens"))
         for tier, n in stats.chunk_hits.items():
             _inc(self.chunk_hits.labels(m, tier), n)
         _inc(self.chunk_misses.labels(m), stats.chunk_misses)

@@ -2,7 +2,8 @@
 
 Extensions: `chunks` (chunk IDs or `{"text": ...}` objects) and `cacheblend` (per-request
 prefill overrides) on chat and completion requests, a `cacheblend` object on responses, and
-the `/v1/chunks` objects. Unknown request fields are ignored and logged, as vLLM does.
+the `/v1/chunks` objects. Unknown request fields are ignored and logged, as vLLM does (the
+`/v1/documents` requests, which no OpenAI client sends, refuse them: server/protocol_documents.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class OpenAIBaseModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _log_unknown_fields(cls, data: Any) -> Any:
-        if isinstance(data, dict):
+        if isinstance(data, dict) and cls.model_config.get("extra") != "forbid":  # forbidding ones refuse them
             unknown = sorted(set(data) - set(cls.model_fields))
             if unknown:
                 log.warning("%s: ignoring unknown fields %s", cls.__name__, unknown)
@@ -185,6 +186,9 @@ class CacheBlendInfo(OpenAIBaseModel):
     ratio: Optional[float] = None
     tokens_reused: int = 0
     tokens_recomputed: int = 0
+    exact_tokens: int = 0   # prompt tokens by where their KV came from (before any recompute)
+    chunk_tokens: int = 0
+    turn_tokens: int = 0
     chunk_hits: dict[str, int] = Field(default_factory=dict)
     chunk_misses: int = 0
     ttft_s: Optional[float] = None

@@ -34,9 +34,10 @@ class OpenAIServingChat(OpenAIServing):
             segments = await asyncio.to_thread(self.engine.chat_segments, messages, chunks.segments)
         except ValueError as e:
             raise APIError(str(e), 400, "messages") from None
+        user_turn = await asyncio.to_thread(self.engine.user_turn, messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         request_id = random_id("chatcmpl")
-        request = self.build_request(request_id, segments, body, max_tokens, "messages")
+        request = self.build_request(request_id, segments, body, max_tokens, "messages", user_turn)
         stream = await self.submit(request, chunks)
         model, created = self.state.model_name, int(time.time())
 

@@ -79,7 +79,7 @@ class OpenAIServing:
                 raise APIError(f"{name} is not supported", 400, name)
 
     def build_request(self, request_id: str, segments: list[Segment], body: SamplingRequest,
-                      max_tokens: Optional[int], input_param: str) -> Request:
+                      max_tokens: Optional[int], input_param: str, user_turn: tuple[int, ...] = ()) -> Request:
         """The engine request, resolved once (APIError 400 if the engine refuses it)."""
         try:
             sampling = SamplingParams(
@@ -87,7 +87,7 @@ class OpenAIServing:
                 top_k=body.top_k if body.top_k > 0 else -1, seed=body.seed, stop=list(body.stop or []),
                 stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos)
             blend = BlendParams(**body.cacheblend.model_dump()) if body.cacheblend else BlendParams()
-            return self.engine.make_request(request_id, segments, sampling, blend, input_param)
+            return self.engine.make_request(request_id, segments, sampling, blend, input_param, user_turn)
         except RequestError as e:
             raise APIError(str(e), 400, e.param) from None
         except ValueError as e:

@@ -19,6 +19,20 @@ def test_bench_ttft_writes_one_row_per_mode(tmp_path, capsys):
     assert blend["tokens_recomputed"] < full["tokens_recomputed"]
 
 
+def test_bench_conversation_reports_turn_reuse_per_turn(tmp_path, capsys):
+    out = tmp_path / "conversation.json"
+    assert main(["bench", "conversation", "--dataset", str(DATASET), "--questions", "0-3", "--window", "1",
+                 "--passages", "1", "--max-tokens", "4", "--variants", "prefix_cache,cacheblend,full_reuse",
+                 "--dtype", "float32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["variant"], r["turn"]): r for r in result["rows"]}
+    assert len(rows) == 12 and all(r["ttft_s"] > 0 for r in rows.values())
+    # turn 3 on: the window has slid, prefix caching finds only the system prompt, turns are blended back
+    assert rows["cacheblend", 3]["turn_tokens"] > 0 and rows["prefix_cache", 3]["turn_tokens"] == 0
+    assert rows["cacheblend", 4]["tokens_recomputed"] < rows["prefix_cache", 4]["tokens_recomputed"]
+    assert result["summary"]["from_turn"] == 3 and set(result["summary"]["kl_mean"]) == {"cacheblend", "full_reuse"}
+
+
 def test_inspect_prints_selection_and_writes_histogram(tmp_path, capsys):
     png = tmp_path / "hkvd.png"
     assert main(["inspect", "--dataset", str(DATASET), "--passages", "2", "--png", str(png)]) == 0

@@ -245,6 +245,33 @@ def test_sixteen_concurrent_streams_match_their_sequential_answers(base_url, cli
     assert answers == [expected[QUESTIONS[i % 4]] for i in range(16)]
 
 
+def test_a_windowed_conversation_reuses_its_turns(base_url, client, model, chunk_ids):
+    """A client that keeps only its last 2 turns: the server recognises the turns it has seen
+    (no client change), reports their tokens apart from chunks and the exact prefix, and at
+    ratio 1.0 answers exactly as with a full prefill."""
+    turn_before = _metric(base_url, "cacheblend:prompt_tokens_cached_total", 'source="turn"')
+
+    def converse(blend: dict) -> list:
+        history, replies = [], []
+        for i, question in enumerate(QUESTIONS):
+            messages = history[-4:] + [{"role": "user", "content": question}]
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                                   extra_body={"chunks": chunk_ids[i % 2:i % 2 + 2], "cacheblend": blend})
+            history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply.choices[0].message.content}]
+            replies.append(reply)
+        return replies
+
+    full = converse({"mode": "full_prefill"})
+    blended = converse({"mode": "cacheblend", "recompute_ratio": 1.0})
+    assert [r.choices[0].message.content for r in blended] == [r.choices[0].message.content for r in full]
+    info = [r.model_extra["cacheblend"] for r in blended]
+    assert all(i["turn_tokens"] > 0 for i in info[2:])
+    assert all(i["chunk_tokens"] > 0 and i["exact_tokens"] >= 0 for i in info)
+    assert all(i["turn_tokens"] == 0 for i in (r.model_extra["cacheblend"] for r in full))
+    assert _metric(base_url, "cacheblend:prompt_tokens_cached_total", 'source="turn"') >= turn_before + sum(
+        i["turn_tokens"] for i in info)
+
+
 def _num_running(base_url: str) -> int:
     return httpx.get(f"{base_url}/health").json()["num_running"]
 
