@@ -3,8 +3,8 @@
 The workload is a RAG chat: turn t asks question t (dev split) with `--passages` of its
 MuSiQue passages as chunks (registered beforehand, as a deployment would), or pasted into the
 message (`--paste`: then the history is all there is to reuse). The client keeps the system
-message and only its last `--window` turns (questions and answers; earlier passages dropped),
-so from turn `window + 2` on the history is no longer a prefix of anything cached. Each variant is its own engine (own store and prefix
+message and only its last `--window` earlier turns (questions and answers; earlier passages
+dropped), so from turn `window + 2` on the history is no longer a prefix of anything cached. Each variant is its own engine (own store and prefix
 cache, one shared model) and holds its own conversation (its own answers, `--max-tokens`).
 Variants run turn by turn, interleaved, so machine noise hits them alike:
 - full_prefill; prefix_cache (what vLLM's prefix caching gives);
@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("conversation", help="TTFT per turn of a windowed conversation: turn blending vs prefix caching")
     p.add_argument("--dataset", type=Path, default=Path("../shared/data/musique_s.json"))
     p.add_argument("--questions", default="0-7", help="dev-split questions, one per turn (A-B)")
-    p.add_argument("--window", type=int, default=3, help="earlier turns the client keeps")
+    p.add_argument("--window", type=int, default=2, help="earlier turns the client keeps (2: the last 3 turns with the new one)")
     p.add_argument("--passages", type=int, default=4, help="passages per turn")
     p.add_argument("--paste", action="store_true", help="paste the passages into the user message instead of chunks")
     p.add_argument("--max-tokens", type=int, default=96)

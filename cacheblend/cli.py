@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = {
     "serve": ("server.cli", "serve the OpenAI-compatible API"),
+    "keys": ("server.tenants", "hash an API key for the keys file (read from stdin)"),
     "analyze": ("server.analyze_cli", "one question over a long text file, window by window (a server's client)"),
     "bench": ("bench.cli", "benchmarks: ttft, kv-tiers, load, peer, gpu, documents"),
     "eval": ("bench.eval", "quality and TTFT of every mode on MuSiQue"),

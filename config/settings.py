@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     # --- server ---
     host: str = Field("127.0.0.1", description="Bind address")
     port: int = Field(8000, ge=0, le=65535, description="Bind port")
-    api_key: Optional[str] = Field(None, description="Bearer token required on /v1 routes and the API docs")
+    api_key: Optional[str] = Field(None, description="Bearer token required on /v1 routes and the API docs (tenant 'default', admin)")
+    api_keys_file: Optional[Path] = Field(None, description="JSON list of tenants' hashed API keys and limits (reloaded on SIGHUP; see README 'Tenants')")
     api_docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json (behind --api-key when one is set)")
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest accepted request body")
     max_chunks_per_request: int = Field(64, ge=1, description="Most chunks in one request")

@@ -69,8 +69,8 @@ def sink_token_id(tokenizer) -> int:
     return im_start
 
 
-def key_for(model: Transformer, pre: Precompute, token_ids: tuple[int, ...], kv_dtype: str) -> str:
-    return chunk_key(token_ids, model.fingerprint, kv_dtype, pre.tag)
+def key_for(model: Transformer, pre: Precompute, token_ids: tuple[int, ...], kv_dtype: str, salt: str = "") -> str:
+    return chunk_key(token_ids, model.fingerprint, kv_dtype, pre.tag, salt)
 
 
 def precompute_chunk(model: Transformer, pre: Precompute, token_ids: tuple[int, ...]) -> ChunkKV:

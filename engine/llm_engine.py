@@ -10,6 +10,7 @@ engine is driven by one thread; `add_request` and `abort` may be called from any
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Optional, Sequence as Seq
@@ -71,14 +72,17 @@ class LLMEngine:
 
     # --- request -> segments -> resolved request ---------------------------------------------
 
-    def chunk_segment(self, token_ids: Seq[int]) -> Segment:
-        return self.prefiller.chunk_segment(token_ids)
+    # `salt` (a tenant's, or a request's cache_salt; empty: none) goes into chunk and turn keys.
 
-    def chunk_from_text(self, text: str) -> Segment:
-        return self.prefiller.chunk_from_text(text)
+    def chunk_segment(self, token_ids: Seq[int], salt: str = "") -> Segment:
+        return self.prefiller.chunk_segment(token_ids, salt)
 
-    def chat_segments(self, messages: list[dict], chunks: list[Segment]) -> list[Segment]:
-        return chat_segments(self.tokenizer, messages, chunks, self.settings.chat_preamble, self.prefiller.turn_key)
+    def chunk_from_text(self, text: str, salt: str = "") -> Segment:
+        return self.prefiller.chunk_from_text(text, salt)
+
+    def chat_segments(self, messages: list[dict], chunks: list[Segment], salt: str = "") -> list[Segment]:
+        turn_key = functools.partial(self.prefiller.turn_key, salt=salt)
+        return chat_segments(self.tokenizer, messages, chunks, self.settings.chat_preamble, turn_key)
 
     def user_turn(self, messages: list[dict]) -> tuple[int, ...]:
         """The last user message as a turn, to keep after the prefill: only inside a conversation
@@ -91,15 +95,17 @@ class LLMEngine:
         return completion_segments(self.tokenizer, prompt, chunks, self.settings.completion_prefix)
 
     def make_request(self, request_id: str, segments: Seq[Segment], sampling: SamplingParams = SamplingParams(),
-                     blend: BlendParams = BlendParams(), input_param: str = "messages", user_turn: tuple[int, ...] = ()) -> Request:
+                     blend: BlendParams = BlendParams(), input_param: str = "messages", user_turn: tuple[int, ...] = (),
+                     salt: str = "", tenant: str = "default") -> Request:
         """The request resolved once: max_tokens against the context (None: up to the limit)
         and the blend spec from `blend` over the settings. RequestError names the bad field.
-        `user_turn` (from `user_turn`): kept with the reply for the conversation's next request."""
+        `user_turn` (from `user_turn`): kept with the reply for the conversation's next request.
+        `salt`: the one its segments were keyed with (its prefix-cache entries and turns get it)."""
         n = sum(len(s) for s in segments)
         max_tokens = resolve_max_tokens(n, sampling.max_tokens, self.max_model_len, input_param)
         mode, spec = resolve_blend(blend, self.settings, self.model.cfg.num_layers, self.recompute_ratio)
         return Request(request_id, tuple(segments), dataclasses.replace(sampling, max_tokens=max_tokens), mode, spec,
-                       user_turn if mode in BLEND_MODES else ())
+                       user_turn if mode in BLEND_MODES else (), salt=salt, tenant=tenant)
 
     # --- scheduling -------------------------------------------------------------------------
 
@@ -138,7 +144,8 @@ class LLMEngine:
         st.queue_s = t_start - req.arrival_time
         try:
             pre = run_to_end(self.prefiller.steps(req.segments, req.mode, req.spec,
-                                                  req.num_prompt_tokens + req.sampling.max_tokens, remember=False))
+                                                  req.num_prompt_tokens + req.sampling.max_tokens, remember=False,
+                                                  salt=req.salt))
             t0 = time.perf_counter()
             token = seq.sampler(pre.result.logits)
         except Exception as e:  # one bad request must never take the engine (or other requests) down
@@ -148,9 +155,9 @@ class LLMEngine:
         seq.cache = pre.result.cache
         if self.quality.wants(req.mode):
             seq.quality_logits = pre.result.logits.clone()
-        self.prefiller.remember_prefix(req.segments, pre)
+        self.prefiller.remember_prefix(req.segments, pre, req.salt)
         if self.turns is not None:
-            self._keep(lambda: self.turns.keep_prompt(req.segments, pre.computed_turns, seq.cache, req.user_turn))
+            self._keep(lambda: self.turns.keep_prompt(req.segments, pre.computed_turns, seq.cache, req.user_turn, req.salt))
         _record_prefill(st, req, pre, first_decode_s=now - t0, ttft_s=now - req.arrival_time)
         out = seq.append(token, self.eos_ids)
         if not out.finished:
@@ -179,13 +186,15 @@ class LLMEngine:
         if not out.finished:
             return out
         if req_keeps_reply(seq, out, self.eos_ids):
-            self._keep(lambda: self.turns.keep_reply(seq.request.token_ids, seq.output_ids, seq.cache))
+            self._keep(lambda: self.turns.keep_reply(seq.request.token_ids, seq.output_ids, seq.cache, seq.request.salt))
         seq.cache = None  # frees the fused KV
         self.scheduler.finish(seq)
         if seq.quality_logits is not None and out.finish_reason in ("stop", "length"):
             greedy = seq.output_ids[: self.quality.compare_tokens] if seq.request.sampling.greedy else None
             self.quality.submit(QualityJob(seq.request, seq.stats.ratio, seq.quality_logits, greedy))
-        log.debug("finished %s: %s", seq.request_id, seq.stats.breakdown(), extra={"request_id": seq.request_id})
+        tenant = seq.request.tenant
+        log.debug("finished %s (tenant %s): %s", seq.request_id, tenant, seq.stats.breakdown(),
+                  extra={"request_id": seq.request_id, "tenant": tenant})
         return out
 
     def _keep(self, keep) -> None:

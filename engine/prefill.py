@@ -66,16 +66,16 @@ class Prefiller:
 
     # --- chunks -----------------------------------------------------------------------------
 
-    def chunk_segment(self, ids: Sequence[int]) -> Segment:
+    def chunk_segment(self, ids: Sequence[int], salt: str = "") -> Segment:
         ids = tuple(ids)
-        return Segment("chunk", ids, key_for(self.model, self.precompute, ids, self.kv_dtype))
+        return Segment("chunk", ids, key_for(self.model, self.precompute, ids, self.kv_dtype, salt))
 
-    def turn_key(self, ids: tuple[int, ...]) -> str:
+    def turn_key(self, ids: tuple[int, ...], salt: str = "") -> str:
         """A turn's content key: its own convention (its KV is cut from a request, not precomputed)."""
-        return chunk_key(ids, self.model.fingerprint, self.kv_dtype, TURN_CONVENTION)
+        return chunk_key(ids, self.model.fingerprint, self.kv_dtype, TURN_CONVENTION, salt)
 
-    def chunk_from_text(self, text: str) -> Segment:
-        return self.chunk_segment(tokenize(self.tokenizer, text))
+    def chunk_from_text(self, text: str, salt: str = "") -> Segment:
+        return self.chunk_segment(tokenize(self.tokenizer, text), salt)
 
     def compute_chunk_kv(self, segment: Segment) -> ChunkKV:
         return precompute_chunk(self.model, self.precompute, segment.token_ids)
@@ -87,13 +87,14 @@ class Prefiller:
     # --- prefill ----------------------------------------------------------------------------
 
     def steps(self, segments: Sequence[Segment], mode: str, spec: BlendSpec, capacity: int, remember: bool = True,
-              token_scores: Optional[torch.Tensor] = None) -> Generator[None, None, Prefilled]:
+              token_scores: Optional[torch.Tensor] = None, salt: str = "") -> Generator[None, None, Prefilled]:
         """The prefill, yielding after every layer. `remember`: put the exact leading segments
-        into the prefix cache now (serving does it after the first token, off the TTFT path)."""
+        into the prefix cache now (serving does it after the first token, off the TTFT path).
+        `salt`: the request's, for the prefix cache (chunk and turn keys already carry it)."""
         ids = token_ids(segments)
         N = len(ids)
         dev = self.model.device
-        exact_len, exact_kv = self._exact_prefix(segments, mode, N)
+        exact_len, exact_kv = self._exact_prefix(segments, mode, N, salt)
         reused = self._reused(segments, mode, exact_len)
         chunks = [(segments[i], span) for i, span in reused]
         forced = torch.ones(N, dtype=torch.bool, device=dev)
@@ -143,17 +144,17 @@ class Prefiller:
         pre = Prefilled(result, tiers, len(computed), compute_s, loader.total_load_seconds if loader else 0.0,
                         turn_tokens, computed_turns, exact_segments)
         if remember:
-            self.remember_prefix(segments, pre)
+            self.remember_prefix(segments, pre, salt)
         return pre
 
-    def remember_prefix(self, segments: Sequence[Segment], pre: Prefilled) -> None:
+    def remember_prefix(self, segments: Sequence[Segment], pre: Prefilled, salt: str = "") -> None:
         """Keep the exact leading segments for later requests (never a blended one: its KV is approximate)."""
-        self.prefix_cache.insert(list(segments), pre.exact_segments, pre.result.cache.k, pre.result.cache.v)
+        self.prefix_cache.insert(list(segments), pre.exact_segments, pre.result.cache.k, pre.result.cache.v, salt)
 
-    def _exact_prefix(self, segments: Sequence[Segment], mode: str, N: int):
+    def _exact_prefix(self, segments: Sequence[Segment], mode: str, N: int, salt: str):
         if mode == "full_prefill":
             return 0, None
-        exact_len, entry = self.prefix_cache.lookup(list(segments), N - 1)
+        exact_len, entry = self.prefix_cache.lookup(list(segments), N - 1, salt)
         if entry is None:
             return 0, None
         return exact_len, (entry.k[:, :, :exact_len], entry.v[:, :, :exact_len])

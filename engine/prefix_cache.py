@@ -2,7 +2,9 @@
 
 An entry holds the post-RoPE KV of a prompt's first P tokens. It is registered under the
 chained hash of every leading run of whole segments it covers, so a later prompt that shares
-only the first j segments still finds (the first part of) it. LRU by bytes.
+only the first j segments still finds (the first part of) it. LRU by bytes. The chain starts
+from a salt (a tenant's, or a request's `cache_salt`): prompts under different salts never
+share an entry, so a fast first token tells nobody what another salt's prompts held.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ class PrefixEntry:
         return self.k.nbytes + self.v.nbytes
 
 
-def boundary_hashes(segments: list[Segment]) -> list[tuple[str, int]]:
-    """(chained hash, token count) after each leading segment."""
+def boundary_hashes(segments: list[Segment], salt: str = "") -> list[tuple[str, int]]:
+    """(chained hash, token count) after each leading segment, the chain seeded with `salt`."""
     h = hashlib.sha256()
+    if salt:  # unsalted chains stay as they were
+        h.update(b"salt\0" + len(salt).to_bytes(8, "little") + salt.encode())
     out, n = [], 0
     for seg in segments:
         h.update(len(seg).to_bytes(8, "little"))
@@ -50,11 +54,11 @@ class PrefixCache:
         self.queries = 0
         self.hits = 0
 
-    def lookup(self, segments: list[Segment], max_len: int) -> tuple[int, PrefixEntry | None]:
-        """Longest cached leading run of whole segments no longer than max_len tokens."""
+    def lookup(self, segments: list[Segment], max_len: int, salt: str = "") -> tuple[int, PrefixEntry | None]:
+        """Longest cached leading run of whole segments no longer than max_len tokens, under `salt`."""
         with self._lock:
             self.queries += 1
-            for digest, n in reversed(boundary_hashes(segments)):
+            for digest, n in reversed(boundary_hashes(segments, salt)):
                 hit = self._index.get(digest)
                 if n <= max_len and hit is not None and hit[0] in self._entries:
                     self._lru.touch(hit[0])
@@ -62,11 +66,12 @@ class PrefixCache:
                     return n, self._entries[hit[0]]
             return 0, None
 
-    def insert(self, segments: list[Segment], num_segments: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Register the KV of the first num_segments segments; k, v: [L, Hkv, >=P, D]."""
+    def insert(self, segments: list[Segment], num_segments: int, k: torch.Tensor, v: torch.Tensor,
+               salt: str = "") -> None:
+        """Register the KV of the first num_segments segments under `salt`; k, v: [L, Hkv, >=P, D]."""
         if num_segments == 0:
             return
-        bounds = boundary_hashes(segments)[:num_segments]
+        bounds = boundary_hashes(segments, salt)[:num_segments]
         P = bounds[-1][1]
         if P == 0:
             return

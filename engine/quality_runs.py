@@ -81,7 +81,7 @@ class QualityMonitor:
         full_answer = yield from self._greedy(full)
         served = job.served_greedy
         if served is None:  # a sampled answer says nothing about the cache: decode greedily in the served mode
-            again = yield from self.prefiller.steps(req.segments, req.mode, req.spec, capacity)
+            again = yield from self.prefiller.steps(req.segments, req.mode, req.spec, capacity, salt=req.salt)
             served = yield from self._greedy(again)
         sample = QualitySample(req.request_id, req.mode, job.ratio, first_token_kl(full.result.logits, job.served_logits),
                                int(full.result.logits.argmax()) == int(job.served_logits.argmax()), token_f1(served, full_answer))

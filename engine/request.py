@@ -48,6 +48,8 @@ class Request:
     mode: str
     spec: BlendSpec
     user_turn: tuple[int, ...] = ()  # chat with turn reuse: the last user message rendered as a turn (kept after the prefill)
+    salt: str = ""                   # isolates its prefix-cache and turn KV (its chunk keys carry it already)
+    tenant: str = "default"          # who asked: a label for logs and metrics only (isolation is the salt)
     arrival_time: float = field(default_factory=time.perf_counter)
 
     @cached_property

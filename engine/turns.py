@@ -68,7 +68,7 @@ def reply_positions(reply: Sequence[int], prompt: Sequence[int], fed: Sequence[i
 class TurnKeeper:
     """Stores turn KV from finished prefills and generations (engine thread)."""
 
-    def __init__(self, model: Transformer, tokenizer, store: ChunkStore, turn_key: Callable[[tuple[int, ...]], str]):
+    def __init__(self, model: Transformer, tokenizer, store: ChunkStore, turn_key: Callable[[tuple[int, ...], str], str]):
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
@@ -76,37 +76,38 @@ class TurnKeeper:
         self.kept = 0
 
     def keep_prompt(self, segments: Sequence[Segment], computed: Sequence[int], cache: KVCache,
-                    user_turn: Optional[tuple[int, ...]]) -> None:
+                    user_turn: Optional[tuple[int, ...]], salt: str = "") -> None:
         """After a prefill: the turn segments it computed (indices into `segments`), and the
-        last user turn `user_turn` (its rendered token IDs) from the text around the chunks."""
+        last user turn `user_turn` (its rendered token IDs) from the text around the chunks,
+        keyed under the request's `salt`."""
         bounds = spans(list(segments))
         for i in computed:
             s, e = bounds[i]
-            self._put(segments[i].token_ids, torch.arange(s, e, device=self.model.device), cache)
+            self._put(segments[i].chunk_key, torch.arange(s, e, device=self.model.device), cache)
         header = max((i for i, seg in enumerate(segments) if seg.kind == "prefix"), default=None)
         if user_turn and header is not None and segments[-1].kind == "suffix":
             found = user_positions(user_turn, segments[header].token_ids, segments[-1].token_ids)
             if found is not None:
                 (h, r), end, start = found, bounds[header][1], bounds[-1][0]
                 positions = list(range(end - h, end)) + list(range(start, start + r))
-                self._put(user_turn, torch.tensor(positions, device=self.model.device), cache)
+                self._put(self.turn_key(user_turn, salt), torch.tensor(positions, device=self.model.device), cache)
 
-    def keep_reply(self, prompt: Sequence[int], output_ids: list[int], cache: KVCache) -> None:
+    def keep_reply(self, prompt: Sequence[int], output_ids: list[int], cache: KVCache, salt: str = "") -> None:
         """After a chat generation that ended in EOS: the assistant reply as the client will
-        send it back. `output_ids` ends with the EOS token (never fed)."""
+        send it back (keyed under the request's `salt`). `output_ids` ends with the EOS token (never fed)."""
         content = self.tokenizer.decode(output_ids[:-1])
         reply = turn_ids(self.tokenizer, {"role": "assistant", "content": content})
         found = reply_positions(reply, prompt, output_ids[:-1]) if reply else None
-        if found is None or cache.length + len(found[1]) > cache.k.shape[2] or self.store.contains(self.turn_key(reply)):
+        key = self.turn_key(tuple(reply), salt) if reply else ""
+        if found is None or cache.length + len(found[1]) > cache.k.shape[2] or self.store.contains(key):
             return
         positions, closing = found
         positions += list(range(cache.length, cache.length + len(closing)))
         for token in closing:
             decode_step(self.model, [cache], [token])
-        self._put(tuple(reply), torch.tensor(positions, device=self.model.device), cache)
+        self._put(key, torch.tensor(positions, device=self.model.device), cache)
 
-    def _put(self, ids: Sequence[int], positions: torch.Tensor, cache: KVCache) -> None:
-        key = self.turn_key(tuple(ids))
+    def _put(self, key: str, positions: torch.Tensor, cache: KVCache) -> None:
         if self.store.contains(key):
             return
         self.store.put(key, turn_kv(self.model, cache, positions))

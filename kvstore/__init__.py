@@ -4,7 +4,7 @@ Entry points:
     build_store(settings, device) -> TieredStore    the tiered store from config.Settings
     build_registry(settings) -> ChunkRegistry       chunk ID -> text/tokens
     build_documents(settings) -> DocumentRecords    document ID -> its ordered chunk IDs
-    chunk_key(token_ids, model_fingerprint, kv_dtype, convention) -> str
+    chunk_key(token_ids, model_fingerprint, kv_dtype, convention, salt="") -> str
     LayerPrefetcher, ChunkMissing                   layer-by-layer loading under compute
     bytes_per_token_per_layer(storage_dtype, num_kv_heads, head_dim) -> int
 

@@ -3,7 +3,8 @@
 `cover` is the one rule for cutting a sequence into windows (a document's tokens into pieces,
 its pieces into analysis windows). `DocumentRecords` keeps one JSON file per document,
 `<root>/<id>.json`, written atomically: {"id", "created", "characters", "tokens",
-"chunk_tokens", "overlap_tokens", "chunks" (the ordered chunk IDs of the pieces)}. The records
+"chunk_tokens", "overlap_tokens", "chunks" (the ordered chunk IDs of the pieces), "tenant" (the
+owner; absent in records written before tenants existed: "default")}. The records
 are local to this node (the chunks they name are shared through the registry as usual).
 """
 
@@ -49,7 +50,8 @@ def is_document_id(value: str) -> bool:
 def _valid(record: object, doc_id: str) -> bool:
     return (isinstance(record, dict) and record.get("id") == doc_id
             and all(isinstance(record.get(f), int) for f in _INT_FIELDS)
-            and isinstance(record.get("chunks"), list) and all(isinstance(k, str) and is_key(k) for k in record["chunks"]))
+            and isinstance(record.get("chunks"), list) and all(isinstance(k, str) and is_key(k) for k in record["chunks"])
+            and isinstance(record.get("tenant", "default"), str))
 
 
 class DocumentRecords:
@@ -96,9 +98,10 @@ class DocumentRecords:
         records = [r for r in (self.get(i) for i in ids if is_document_id(i)) if r is not None]
         return sorted(records, key=lambda r: (r["created"], r["id"]))
 
-    def list(self, after: Optional[str] = None, limit: int = 100) -> list[Record]:
-        """Up to `limit` records in (created, id) order after the ID `after` (ValueError if unknown)."""
-        records = self.all()
+    def list(self, after: Optional[str] = None, limit: int = 100, tenant: Optional[str] = None) -> list[Record]:
+        """Up to `limit` records in (created, id) order after the ID `after` (ValueError if unknown);
+        with `tenant`, only the ones it owns."""
+        records = [r for r in self.all() if tenant is None or r.get("tenant", "default") == tenant]
         start = 0
         if after is not None:
             ids = [r["id"] for r in records]

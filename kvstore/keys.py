@@ -1,7 +1,9 @@
 """Chunk keys: content addresses for chunk KV.
 
 A key is the sha256 (64 lowercase hex characters) of everything that determines a chunk's KV:
-its token ids, the model, the KV dtype and the precompute convention. Keys arrive from
+its token ids, the model, the KV dtype and the precompute convention, plus an optional salt
+(a tenant's, or a request's `cache_salt`) that makes the same text a different entry per
+salt; an empty salt leaves the key as it was before salts existed. Keys arrive from
 clients as chunk IDs, so every tier checks them with `check_key` before touching storage.
 
 Files named by key (disk tier blobs, registry records) live at `<root>/<key[:2]>/<key><suffix>`:
@@ -34,8 +36,9 @@ def chunk_key(
     model_fingerprint: str,
     kv_dtype: str,
     convention: str,
+    salt: str = "",
 ) -> str:
-    """Hex sha256 key of a chunk's tokens under a model, KV dtype and precompute convention."""
+    """Hex sha256 key of a chunk's tokens under a model, KV dtype, precompute convention and salt."""
     ids = torch.as_tensor(token_ids, dtype=torch.int64).reshape(-1).cpu()
     h = hashlib.sha256(_DOMAIN)
     _field(h, model_fingerprint)
@@ -43,6 +46,8 @@ def chunk_key(
     _field(h, convention)
     h.update(ids.numel().to_bytes(8, "little"))
     h.update(ids.numpy().astype("<i8").tobytes())
+    if salt:  # hashed in only when set, so unsalted keys (stored KV, chunk IDs) stay valid
+        _field(h, salt)
     return h.hexdigest()
 
 

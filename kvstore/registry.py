@@ -1,7 +1,9 @@
 """Chunk registry: resolves a chunk ID (its key) to the text and tokens it was made from.
 
 With it a chunk whose KV was evicted everywhere can still be recomputed from its ID.
-Records are {"key", "text", "token_ids", "created" (unix seconds)} and live as JSON files at
+Records are {"key", "text", "token_ids", "created" (unix seconds), "tenant" (the owner),
+"shared" (visible to every tenant)}; records written before tenants existed lack the last two
+and read as tenant "default", not shared. They live as JSON files at
 `<root>/<key[:2]>/<key>.json` (atomic writes). With Redis configured they are also kept there
 (`cacheblend:chunk:<key>`, no TTL, plus the sorted set `cacheblend:chunks` scored by created),
 so any node can resolve and list IDs registered on another; records fetched from Redis are
@@ -16,6 +18,7 @@ tiers do).
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import logging
 import threading
@@ -38,13 +41,24 @@ SUFFIX = ".json"
 
 Record = dict[str, Any]
 Records = list[Record]  # named here: inside the class, `list` is the method
+DEFAULT_TENANT = "default"
+
+
+def owner(record: Record) -> str:
+    return record.get("tenant", DEFAULT_TENANT)
+
+
+def visible(record: Record, tenant: Optional[str]) -> bool:
+    """Whether `tenant` may see the record (None: no tenant filter)."""
+    return tenant is None or bool(record.get("shared")) or owner(record) == tenant
 
 
 def _valid(record: object, key: str) -> bool:
     return (isinstance(record, dict) and record.get("key") == key and isinstance(record.get("text"), str)
             and isinstance(record.get("created"), int)
             and isinstance(record.get("token_ids"), list)
-            and all(isinstance(t, int) for t in record["token_ids"]))
+            and all(isinstance(t, int) for t in record["token_ids"])
+            and isinstance(record.get("tenant", DEFAULT_TENANT), str) and isinstance(record.get("shared", False), bool))
 
 
 def _parse(data: Optional[bytes], key: str) -> Optional[Record]:
@@ -69,6 +83,7 @@ class ChunkRegistry:
         self.errors = 0  # Redis failures
         self._lock = threading.Lock()
         self._created: dict[str, int] = {}
+        self._meta: dict[str, Record] = {}  # key -> {"tenant", "shared", "tokens"}: filters and counts without file reads
         self._order: list[tuple[int, str]] = []  # sorted (created, key): the listing order
         self._unpublished: set[str] = set()  # local records Redis may not hold yet
         self._redis: Optional["redis.Redis"] = None
@@ -102,6 +117,7 @@ class ChunkRegistry:
         key, created = record["key"], record["created"]
         if self._redis is not None:
             self._unpublished.add(key)
+        self._meta[key] = {"tenant": owner(record), "shared": bool(record.get("shared")), "tokens": len(record["token_ids"])}
         if key not in self._created:
             self._created[key] = created
             bisect.insort(self._order, (created, key))
@@ -117,17 +133,39 @@ class ChunkRegistry:
         with self._lock:
             self._index(record)
 
-    def add(self, key: str, text: str, token_ids: Sequence[int]) -> Record:
-        """Register a chunk; an already registered key keeps (and returns) its first record."""
+    def add(self, key: str, text: str, token_ids: Sequence[int], tenant: str = DEFAULT_TENANT,
+            shared: bool = False) -> Record:
+        """Register a chunk; an already registered key keeps (and returns) its first record,
+        except that `shared` marks it shared (keys are per tenant salt, so only the unsalted
+        "default" keys meet shared ones)."""
         check_key(key)
         existing = self.get(key)
-        if existing is not None:
+        if existing is not None and (existing.get("shared") or not shared):
             return existing
-        record: Record = {"key": key, "text": text, "token_ids": [int(t) for t in token_ids],
-                          "created": int(time.time())}
+        if existing is not None:
+            record = {**existing, "shared": True}
+            self._write_local(record)
+            self._overwrite_redis(record)
+            return record
+        record = {"key": key, "text": text, "token_ids": [int(t) for t in token_ids], "created": int(time.time()),
+                  "tenant": tenant, "shared": shared}
         self._write_local(record)
         self._sync()
         return record
+
+    def _overwrite_redis(self, record: Record) -> None:
+        """A changed record (publishing never overwrites: two nodes may register one key at once)."""
+        if self._redis is not None:
+            redis_client = self._redis
+            if self._breaker.call("SET", lambda: redis_client.set(RECORD_PREFIX + record["key"], json.dumps(record)), None):
+                with self._lock:
+                    self._unpublished.discard(record["key"])
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(chunks, tokens) of the records `tenant` owns, among those this node holds."""
+        with self._lock:
+            owned = [m["tokens"] for m in self._meta.values() if m["tenant"] == tenant]
+        return len(owned), sum(owned)
 
     def _sync(self) -> None:
         """Publish the local records Redis may lack (skipped while it is down)."""
@@ -173,6 +211,7 @@ class ChunkRegistry:
         check_key(key)
         with self._lock:
             created = self._created.pop(key, None)
+            self._meta.pop(key, None)
             self._unpublished.discard(key)
             if created is not None:
                 self._order.pop(bisect.bisect_left(self._order, (created, key)))
@@ -203,23 +242,26 @@ class ChunkRegistry:
         if self._redis is not None:
             self._redis.close()
 
-    def list(self, after: Optional[str] = None, limit: int = 100) -> Records:
-        """Up to `limit` records ordered by (created, key), starting after the key `after`.
+    def list(self, after: Optional[str] = None, limit: int = 100, tenant: Optional[str] = None) -> Records:
+        """Up to `limit` records ordered by (created, key), starting after the key `after`;
+        with `tenant`, only the ones it owns and the shared ones.
 
-        Raises ValueError if `after` is not a registered key.
+        Raises ValueError if `after` is not a registered key (that `tenant` may see).
         """
         if after is not None:
-            check_key(after)
+            record = self.get(after)
+            if record is None or not visible(record, tenant):  # one message: no hint of others' keys
+                raise ValueError(f"unknown chunk id {after}")
         if limit < 1:
             return []
         if self._redis is not None:
             self._sync()
-            page = self._breaker.call("list", lambda: self._list_redis(after, limit), None)
+            page = self._breaker.call("list", lambda: self._list_redis(after, limit, tenant), None)
             if page is not None:
                 return page
-        return self._list_local(after, limit)
+        return self._list_local(after, limit, tenant)
 
-    def _list_redis(self, after: Optional[str], limit: int) -> Records:
+    def _list_redis(self, after: Optional[str], limit: int, tenant: Optional[str]) -> Records:
         assert self._redis is not None
         start = 0
         if after is not None:
@@ -227,14 +269,19 @@ class ChunkRegistry:
             if rank is None:
                 raise ValueError(f"unknown chunk id {after}")
             start = rank + 1
-        members = self._redis.zrange(INDEX_KEY, start, start + limit - 1)
-        keys = [k for k in (m.decode(errors="replace") for m in members) if is_key(k)]
-        if not keys:
-            return []
-        datas = self._redis.mget([RECORD_PREFIX + k for k in keys])
-        return [r for r in (_parse(d, k) for k, d in zip(keys, datas)) if r is not None]
+        page: Records = []
+        batch = max(limit, 100)  # other tenants' records are skipped: read ahead
+        while len(page) < limit:
+            members = self._redis.zrange(INDEX_KEY, start, start + batch - 1)
+            if not members:
+                break
+            start += len(members)
+            keys = [k for k in (m.decode(errors="replace") for m in members) if is_key(k)]
+            datas = self._redis.mget([RECORD_PREFIX + k for k in keys]) if keys else []
+            page += [r for r in (_parse(d, k) for k, d in zip(keys, datas)) if r is not None and visible(r, tenant)]
+        return page[:limit]
 
-    def _list_local(self, after: Optional[str], limit: int) -> Records:
+    def _list_local(self, after: Optional[str], limit: int, tenant: Optional[str]) -> Records:
         with self._lock:
             start = 0
             if after is not None:
@@ -242,5 +289,6 @@ class ChunkRegistry:
                 if created is None:
                     raise ValueError(f"unknown chunk id {after}")
                 start = bisect.bisect_right(self._order, (created, after))
-            keys = [k for _, k in self._order[start:start + limit]]
+            seen = (k for _, k in itertools.islice(self._order, start, None) if visible(self._meta[k], tenant))
+            keys = list(itertools.islice(seen, limit))
         return [r for r in (self._read_local(k) for k in keys) if r is not None]

@@ -13,13 +13,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
 
 from config.settings import Settings
 from engine.llm_engine import LLMEngine
 from server.errors import APIError, install_error_handlers
-from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from server.middleware import BodyLimitMiddleware, TenantMiddleware
 from server.protocol import ChatCompletionRequest, ChunkCreateRequest, CompletionRequest, ModelCard, ModelList
 from server.protocol_documents import DocumentAnalyzeRequest, DocumentCreateRequest
 from server.serving_chat import OpenAIServingChat
@@ -28,6 +28,7 @@ from server.serving_completion import OpenAIServingCompletion
 from server.serving_documents import OpenAIServingDocuments
 from server.serving_engine import cancel_on_disconnect
 from server.state import ServerState, load_state
+from server.tenants import InFlight, Slot, Tenant, TenantTable
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +44,15 @@ class Serving:
     chat: OpenAIServingChat
     completion: OpenAIServingCompletion
     documents: OpenAIServingDocuments
+    in_flight: InFlight
 
     @classmethod
     def over(cls, state: ServerState) -> "Serving":
         chunks = OpenAIServingChunks(state)
         chat = OpenAIServingChat(state, chunks)
-        return cls(state, chunks, chat, OpenAIServingCompletion(state, chunks), OpenAIServingDocuments(state, chat))
+        in_flight = InFlight(on_limited=lambda tenant: state.metrics.observe_tenant(tenant, "limited"))
+        return cls(state, chunks, chat, OpenAIServingCompletion(state, chunks), OpenAIServingDocuments(state, chat),
+                   in_flight)
 
 
 class Runtime:
@@ -94,11 +98,18 @@ class Runtime:
         raise APIError(reason, 503, headers={"Retry-After": "5"})
 
 
+def tenant_of(request: Request) -> Tenant:
+    """The tenant TenantMiddleware found for the request's API key."""
+    return request.state.tenant
+
+
 def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
               on_fatal: Optional[Callable[[], None]] = None) -> FastAPI:
     """The server app. `engine` (already loaded, with its store) is used instead of loading one
-    from `settings`; `on_fatal` is called if loading fails (the CLI stops the server)."""
+    from `settings`; `on_fatal` is called if loading fails (the CLI stops the server).
+    `app.state.tenants` is the key table (the CLI reloads it on SIGHUP); a bad keys file raises."""
     rt = Runtime(settings, engine, on_fatal)
+    tenants = TenantTable.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -111,10 +122,15 @@ def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
     docs = {} if settings.api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="CacheBlend", lifespan=lifespan, **docs)
     app.state.runtime = rt
+    app.state.tenants = tenants
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    if settings.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # outermost: checked first
+    app.add_middleware(TenantMiddleware, tenants=tenants)  # outermost: the key is checked first
+
+    def slot(tenant: Tenant) -> Slot:
+        """One request in flight for the tenant (429 over its limit). Taken in the route body, not
+        as a dependency: a request whose body fails validation never reaches the `with` that frees it."""
+        return rt.ready().in_flight.slot(tenant)
 
     @app.get("/health")
     async def health() -> dict:
@@ -139,50 +155,60 @@ def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
         card = ModelCard(id=state.model_name, root=state.model_name, max_model_len=state.engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
+    # Generation and analysis hold a slot of the tenant's requests in flight: released when the
+    # route returns, or for a streamed response when the stream ends.
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, raw_request: Request):
-        return await cancel_on_disconnect(rt.ready().chat.create_chat_completion(body), raw_request)
+    async def chat_completions(body: ChatCompletionRequest, raw_request: Request,
+                               tenant: Tenant = Depends(tenant_of)):
+        with slot(tenant) as held:
+            return await cancel_on_disconnect(rt.ready().chat.create_chat_completion(body, tenant, held), raw_request)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, raw_request: Request):
-        return await cancel_on_disconnect(rt.ready().completion.create_completion(body), raw_request)
+    async def completions(body: CompletionRequest, raw_request: Request,
+                          tenant: Tenant = Depends(tenant_of)):
+        with slot(tenant) as held:
+            return await cancel_on_disconnect(rt.ready().completion.create_completion(body, tenant, held), raw_request)
 
     @app.post("/v1/chunks")
-    async def create_chunks(body: ChunkCreateRequest) -> dict:
-        return await rt.ready().chunks.create(body)
+    async def create_chunks(body: ChunkCreateRequest, tenant: Tenant = Depends(tenant_of)) -> dict:
+        return await rt.ready().chunks.create(body, tenant)
 
     @app.get("/v1/chunks")
-    async def list_chunks(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> dict:
-        return await rt.ready().chunks.list(after, limit)
+    async def list_chunks(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100),
+                          tenant: Tenant = Depends(tenant_of)) -> dict:
+        return await rt.ready().chunks.list(after, limit, tenant)
 
     @app.get("/v1/chunks/{chunk_id}")
-    async def retrieve_chunk(chunk_id: str) -> dict:
-        return await rt.ready().chunks.retrieve(chunk_id)
+    async def retrieve_chunk(chunk_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
+        return await rt.ready().chunks.retrieve(chunk_id, tenant)
 
     @app.delete("/v1/chunks/{chunk_id}")
-    async def delete_chunk(chunk_id: str) -> dict:
-        return await rt.ready().chunks.delete(chunk_id)
+    async def delete_chunk(chunk_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
+        return await rt.ready().chunks.delete(chunk_id, tenant)
 
     # Registration and analysis are cancelled with their client: a registration then leaves
     # nothing behind (a streamed one notices when its progress stream is cut).
     @app.post("/v1/documents")
-    async def create_document(body: DocumentCreateRequest, raw_request: Request):
-        return await cancel_on_disconnect(rt.ready().documents.create(body), raw_request)
+    async def create_document(body: DocumentCreateRequest, raw_request: Request, tenant: Tenant = Depends(tenant_of)):
+        return await cancel_on_disconnect(rt.ready().documents.create(body, tenant), raw_request)
 
     @app.get("/v1/documents")
-    async def list_documents(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> dict:
-        return await rt.ready().documents.list(after, limit)
+    async def list_documents(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100),
+                             tenant: Tenant = Depends(tenant_of)) -> dict:
+        return await rt.ready().documents.list(after, limit, tenant)
 
     @app.get("/v1/documents/{document_id}")
-    async def retrieve_document(document_id: str) -> dict:
-        return await rt.ready().documents.retrieve(document_id)
+    async def retrieve_document(document_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
+        return await rt.ready().documents.retrieve(document_id, tenant)
 
     @app.delete("/v1/documents/{document_id}")
-    async def delete_document(document_id: str) -> dict:
-        return await rt.ready().documents.delete(document_id)
+    async def delete_document(document_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
+        return await rt.ready().documents.delete(document_id, tenant)
 
     @app.post("/v1/documents/{document_id}/analyze")
-    async def analyze_document(document_id: str, body: DocumentAnalyzeRequest, raw_request: Request):
-        return await cancel_on_disconnect(rt.ready().documents.analyze(document_id, body), raw_request)
+    async def analyze_document(document_id: str, body: DocumentAnalyzeRequest, raw_request: Request,
+                               tenant: Tenant = Depends(tenant_of)):
+        with slot(tenant) as held:
+            return await cancel_on_disconnect(rt.ready().documents.analyze(document_id, body, tenant, held), raw_request)
 
     return app

@@ -33,9 +33,10 @@ __all__ = ["AsyncEngine", "QueueFull", "RequestStream"]
 class RequestStream:
     """The outputs of one request, in order; `close()` aborts it unless it has finished."""
 
-    def __init__(self, owner: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, owner: "AsyncEngine", request_id: str, loop: asyncio.AbstractEventLoop, tenant: str):
         self._owner = owner
         self.request_id = request_id
+        self.tenant = tenant
         self.loop = loop
         self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
@@ -73,12 +74,13 @@ class AsyncEngine:
 
     def submit(self, request: Request) -> RequestStream:
         """Queue a resolved request; raises QueueFull when the engine's queue is full."""
-        stream = RequestStream(self, request.request_id, asyncio.get_running_loop())
+        stream = RequestStream(self, request.request_id, asyncio.get_running_loop(), request.tenant)
         with self._cv:
             try:
                 self.engine.add_request(request)
             except QueueFull:
                 self.metrics.observe_request(RequestStats(status="rejected"))
+                self.metrics.observe_tenant(request.tenant, "rejected")
                 raise
             self._streams[request.request_id] = stream
             self._cv.notify()
@@ -145,7 +147,10 @@ class AsyncEngine:
         with self._cv:
             stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
         if out.finished:
-            self.metrics.observe_request(out.stats or RequestStats(status="error"))
+            stats = out.stats or RequestStats(status="error")
+            self.metrics.observe_request(stats)
+            if stream is not None:
+                self.metrics.observe_tenant(stream.tenant, stats.status)
         if stream is None:
             return
         try:

@@ -3,7 +3,7 @@
 One uvicorn worker, always: the engine owns the model, its KV store and the running batch in
 this process, and a second worker would load a second model that shares none of them.
 Capacity scales by replicas behind a load balancer (see docker/), sharing chunk KV through
-the Redis/S3 tiers.
+the Redis/S3 tiers. SIGHUP reloads the API keys file (`api_keys_file`) without a restart.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 from typing import Optional
 
 import uvicorn
@@ -28,6 +29,8 @@ class JSONFormatter(logging.Formatter):
                 "message": record.getMessage()}
         if getattr(record, "request_id", None):
             line["request_id"] = record.request_id
+        if getattr(record, "tenant", None):
+            line["tenant"] = record.tenant
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line)
@@ -60,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = build_app(settings, on_fatal=stop)
+    # uvicorn handles SIGINT and SIGTERM only; the handler runs on the main thread between
+    # bytecodes, and a reload swaps the table in one assignment.
+    signal.signal(signal.SIGHUP, lambda *_: app.state.tenants.reload())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = uvicorn.Server(config)

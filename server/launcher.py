@@ -56,8 +56,17 @@ def _stop(proc: subprocess.Popen, timeout_s: float) -> int:
 @contextlib.contextmanager
 def serve_subprocess(log_path: Path, flags: Sequence[str] = (), env: Optional[Mapping[str, str]] = None,
                      startup_timeout_s: float = 180.0, stop_timeout_s: float = 30.0) -> Iterator[str]:
+    """`serve_process`, yielding only the base URL."""
+    with serve_process(log_path, flags, env, startup_timeout_s, stop_timeout_s) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def serve_process(log_path: Path, flags: Sequence[str] = (), env: Optional[Mapping[str, str]] = None,
+                  startup_timeout_s: float = 180.0, stop_timeout_s: float = 30.0) -> Iterator[tuple[str, subprocess.Popen]]:
     """Start `cacheblend serve` on a free loopback port with `flags` and environment `env`
-    (replacing the inherited one), wait until /health answers 200, yield the base URL.
+    (replacing the inherited one), wait until /health answers 200, yield the base URL and the
+    process (to send it signals).
 
     On exit the server gets SIGTERM (then SIGKILL after `stop_timeout_s`); if the body raised
     nothing, an exit other than a clean one (0, or the SIGTERM uvicorn re-raises after its
@@ -71,7 +80,7 @@ def serve_subprocess(log_path: Path, flags: Sequence[str] = (), env: Optional[Ma
     base_url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(base_url, proc, log_path, startup_timeout_s)
-        yield base_url
+        yield base_url, proc
     except BaseException:
         _stop(proc, stop_timeout_s)
         raise

@@ -15,6 +15,10 @@ Histograms
   cacheblend:quality_output_f1{model_name}               token F1 of the two greedy answers
 Counters
   cacheblend:requests_total{model_name,status}            status: ok|error|aborted|rejected
+  cacheblend:tenant_requests_total{model_name,tenant,status}  as requests_total, plus status limited
+                                                          (429: over the tenant's requests in flight);
+                                                          tenant: a name from the keys table or
+                                                          "default" (a bounded set; never a key)
   cacheblend:request_success_total{model_name,finished_reason}
   cacheblend:prompt_tokens_total{model_name}
   cacheblend:generation_tokens_total{model_name}
@@ -138,6 +142,7 @@ class Metrics:
         self.quality_f1 = hist("quality_output_f1", "Token F1 between full_prefill and served greedy answers", [], F1_BUCKETS)
 
         self.requests = counter("requests", "Requests by outcome", ["status"])
+        self.tenant_requests = counter("tenant_requests", "Requests by tenant and outcome", ["tenant", "status"])
         self.request_success = counter("request_success", "Successfully finished requests", ["finished_reason"])
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed")
         self.generation_tokens = counter("generation_tokens", "Tokens generated")
@@ -209,6 +214,12 @@ class Metrics:
             _observe(self.ttft_phase, (m, mode, phase), getattr(stats, f"{phase}_s"))
         for gap in stats.itl_s:
             self.itl.labels(m, mode).observe(gap)
+
+    def observe_tenant(self, tenant: str, status: str) -> None:
+        """Count one request of `tenant` (a table name, never a key) by its outcome."""
+        if status not in STATUSES + ("limited",):
+            raise ValueError(f"unknown request status {status!r}")
+        self.tenant_requests.labels(self.model_name, tenant, status).inc()
 
     def set_queue(self, running: int, waiting: int) -> None:
         """Set the current number of running and waiting requests."""

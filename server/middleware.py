@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware: the API key check and the request body limit.
+"""Pure-ASGI middleware: the API key check (which tenant a request is for) and the body limit.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so streamed responses and client-disconnect
 detection pass through untouched.
@@ -6,11 +6,10 @@ detection pass through untouched.
 
 from __future__ import annotations
 
-import hmac
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError
+from server.tenants import TenantTable
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -21,20 +20,27 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 PROTECTED = ("/v1", "/docs", "/redoc", "/openapi.json")
 
 
-class APIKeyMiddleware:
-    """Require `Authorization: Bearer <api_key>` on the API and its docs (constant-time compare)."""
+class TenantMiddleware:
+    """Require `Authorization: Bearer <key>` with a key of the table on the API and its docs,
+    and put the key's tenant into the request state (`request.state.tenant`). An open table
+    (no keys configured) lets every request in as tenant "default"."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, tenants: TenantTable):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.tenants = tenants
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PROTECTED):
-            given = _header(scope, b"authorization") or b""
-            if not hmac.compare_digest(given, self.expected):
+            tenant = self.tenants.default
+            if not self.tenants.open:
+                given = (_header(scope, b"authorization") or b"").decode("latin-1")
+                scheme, _, key = given.partition(" ")
+                tenant = self.tenants.lookup(key) if scheme == "Bearer" and key else None
+            if tenant is None:
                 error = APIError("invalid or missing API key", 401, headers={"WWW-Authenticate": "Bearer"})
                 await error.response()(scope, receive, send)
                 return
+            scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
 
 

@@ -1,7 +1,7 @@
 """Request and response models of the OpenAI API, plus the CacheBlend extensions.
 
-Extensions: `chunks` (chunk IDs or `{"text": ...}` objects) and `cacheblend` (per-request
-prefill overrides) on chat and completion requests, a `cacheblend` object on responses, and
+Extensions: `chunks` (chunk IDs or `{"text": ...}` objects), `cacheblend` (per-request
+prefill overrides) and vLLM's `cache_salt` on chat and completion requests, a `cacheblend` object on responses, and
 the `/v1/chunks` objects. Unknown request fields are ignored and logged, as vLLM does (the
 `/v1/documents` requests, which no OpenAI client sends, refuse them: server/protocol_documents.py).
 """
@@ -128,6 +128,8 @@ class SamplingRequest(OpenAIBaseModel):
     user: Optional[str] = None
     chunks: Optional[list[ChunkRef]] = None
     cacheblend: Optional[CacheBlendParams] = None
+    # vLLM's: prefix-cache and chunk/turn KV reuse only among requests with the same salt
+    cache_salt: Optional[str] = Field(None, min_length=1, max_length=256)
 
     @field_validator("stream_options")
     @classmethod
@@ -164,6 +166,7 @@ class ChunkCreateRequest(OpenAIBaseModel):
     """`{"text": ...}` registers one chunk, `{"texts": [...]}` several."""
     text: Optional[str] = None
     texts: Optional[list[str]] = Field(None, min_length=1)
+    shared: bool = False  # admin keys only: visible to (and usable by) every tenant
 
     @model_validator(mode="after")
     def _one_form(self) -> "ChunkCreateRequest":
@@ -280,6 +283,7 @@ class ChunkObject(OpenAIBaseModel):
     object: Literal["chunk"] = "chunk"
     tokens: int
     created: int
+    shared: Optional[bool] = None  # set (true) on shared chunks only
     text: Optional[str] = None  # only when one chunk is retrieved
 
 

@@ -12,12 +12,14 @@ from engine.stats import RequestStats
 from server.errors import APIError
 from server.protocol import CacheBlendInfo, CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse, UsageInfo
 from server.serving_engine import OpenAIServing, collect, random_id, sse_stream, usage_info
+from server.tenants import Slot, Tenant, request_salt
 
 
 class OpenAIServingCompletion(OpenAIServing):
     """Text completions, plain or streamed (SSE), with `chunks` and `cacheblend` extensions."""
 
-    async def create_completion(self, body: CompletionRequest) -> Union[dict, StreamingResponse]:
+    async def create_completion(self, body: CompletionRequest, tenant: Tenant, slot: Slot) -> Union[dict, StreamingResponse]:
+        """One completion for `tenant`, run in its in-flight `slot` (a stream holds it to the end)."""
         self.check_model(body.model)
         self.check_common(body)
         if body.echo:
@@ -28,11 +30,12 @@ class OpenAIServingCompletion(OpenAIServing):
             raise APIError("suffix is not supported", 400, "suffix")
         if body.best_of not in (None, 1):
             raise APIError("only best_of=1 is supported", 400, "best_of")
-        chunks = await self.chunks.resolve(body.chunks)
+        salt = request_salt(tenant, body.cache_salt)
+        chunks = await self.chunks.resolve(body.chunks, tenant, salt)
         segments = await asyncio.to_thread(self.engine.completion_segments, body.prompt, chunks.segments)
         request_id = random_id("cmpl")
-        request = self.build_request(request_id, segments, body, body.max_tokens, "prompt")
-        stream = await self.submit(request, chunks)
+        request = self.build_request(request_id, segments, body, body.max_tokens, "prompt", tenant, salt)
+        stream = await self.submit(request, chunks, tenant)
         model, created = self.state.model_name, int(time.time())
 
         if body.stream:
@@ -46,7 +49,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 return CompletionStreamResponse(id=request_id, created=created, model=model, choices=[], usage=info)
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse_stream(stream, include_usage, None, delta, usage),
+            return StreamingResponse(slot.stream(sse_stream(stream, include_usage, None, delta, usage)),
                                      media_type="text/event-stream")
 
         result = await collect(stream)

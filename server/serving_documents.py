@@ -10,6 +10,9 @@ since; once the final write has begun it completes, and the document exists whol
 
 Analysis sends one chat request per window through the chat path (same engine, metrics and
 errors), all at once so the scheduler batches their decode steps.
+
+A document belongs to the tenant that registered it (its pieces are that tenant's chunks, keyed
+with its salt); to any other tenant it is a 404, as an unknown one.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from fastapi.responses import StreamingResponse
 from engine.segments import Segment, tokenize
 from kvstore import build_documents
 from kvstore.documents import cover, is_document_id
+from kvstore.registry import owner
 from server.errors import APIError
 from server.protocol import CacheBlendInfo, ChatCompletionRequest, UsageInfo
 from server.protocol_documents import (DocumentAnalysis, DocumentAnalyzeRequest, DocumentCreateRequest, DocumentDeleted,
@@ -35,6 +39,7 @@ from server.protocol_documents import (DocumentAnalysis, DocumentAnalyzeRequest,
 from server.serving_chat import OpenAIServingChat
 from server.serving_engine import random_id
 from server.state import ServerState
+from server.tenants import Slot, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,10 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+def _document(record: dict) -> DocumentObject:
+    return DocumentObject(**{k: v for k, v in record.items() if k != "tenant"})  # the owner is not shown
+
+
 class OpenAIServingDocuments:
     """Document registration, lookup and analysis."""
 
@@ -70,17 +79,18 @@ class OpenAIServingDocuments:
 
     # --- registration ----------------------------------------------------------------------
 
-    async def create(self, body: DocumentCreateRequest) -> Union[dict, StreamingResponse]:
+    async def create(self, body: DocumentCreateRequest, tenant: Tenant) -> Union[dict, StreamingResponse]:
         self.chat.check_model(body.model)
-        split = await self._split(body)
+        split = await self._split(body, tenant)
+        await asyncio.to_thread(self.chat.chunks.check_room, tenant, split.segments)
         if body.stream:
-            return StreamingResponse(self._events(split), media_type="text/event-stream")
-        async with contextlib.aclosing(self._register(split)) as steps:
+            return StreamingResponse(self._events(split, tenant), media_type="text/event-stream")
+        async with contextlib.aclosing(self._register(split, tenant)) as steps:
             async for step in steps:
                 pass
         return step.model_dump()  # the last step: the document
 
-    async def _split(self, body: DocumentCreateRequest) -> _Split:
+    async def _split(self, body: DocumentCreateRequest, tenant: Tenant) -> _Split:
         """Check the request and cut the text into pieces (APIError 400 for bad input)."""
         s = self.settings
         if len(body.text) > s.max_document_chars:
@@ -97,7 +107,8 @@ class OpenAIServingDocuments:
 
         def cut() -> _Split:
             ids = tokenize(self.engine.tokenizer, body.text)
-            segments = [self.engine.chunk_segment(ids[a:b]) for a, b in cover(len(ids), size, size - overlap)] if ids else []
+            segments = [self.engine.chunk_segment(ids[a:b], tenant.salt)
+                        for a, b in cover(len(ids), size, size - overlap)] if ids else []
             texts = [self.engine.tokenizer.decode(seg.token_ids) for seg in segments]
             return _Split(len(body.text), len(ids), size, overlap, segments, texts)
 
@@ -106,9 +117,9 @@ class OpenAIServingDocuments:
             raise APIError("the document has no tokens", 400, "text")
         return split
 
-    async def _events(self, split: _Split) -> AsyncIterator[str]:
+    async def _events(self, split: _Split, tenant: Tenant) -> AsyncIterator[str]:
         """SSE: progress events, the document, [DONE]; a failure is sent as an error event."""
-        async with contextlib.aclosing(self._register(split)) as steps:
+        async with contextlib.aclosing(self._register(split, tenant)) as steps:
             try:
                 async for step in steps:
                     yield _sse(step.model_dump_json())
@@ -119,7 +130,7 @@ class OpenAIServingDocuments:
                 yield _sse(json.dumps(APIError(f"document registration failed: {e}", 500).body()))
         yield _sse("[DONE]")
 
-    async def _register(self, split: _Split) -> AsyncIterator[Union[DocumentProgress, DocumentObject]]:
+    async def _register(self, split: _Split, tenant: Tenant) -> AsyncIterator[Union[DocumentProgress, DocumentObject]]:
         """Store every piece's KV (a progress event after each), then register the document."""
         computed: set[str] = set()  # pieces whose KV this registration made (filled on the engine thread)
 
@@ -137,8 +148,8 @@ class OpenAIServingDocuments:
         except BaseException:  # cancelled (client gone), closed at a yield, or failed
             self._discard(computed)
             raise
-        record = await asyncio.to_thread(self._commit, split, computed)
-        yield DocumentObject(**record)
+        record = await asyncio.to_thread(self._commit, split, computed, tenant)
+        yield _document(record)
 
     def _discard(self, computed: set[str]) -> None:
         """Delete the KV a stopped registration computed, unless its piece was registered since.
@@ -153,16 +164,16 @@ class OpenAIServingDocuments:
 
         self.state.async_engine.post_job(drop)
 
-    def _commit(self, split: _Split, computed: set[str]) -> dict:
+    def _commit(self, split: _Split, computed: set[str], tenant: Tenant) -> dict:
         """Register every piece and write the document record (blocking); undone on failure."""
         record = {"id": random_id("doc"), "created": int(time.time()), "characters": split.characters,
                   "tokens": split.tokens, "chunk_tokens": split.chunk_tokens, "overlap_tokens": split.overlap_tokens,
-                  "chunks": [seg.chunk_key for seg in split.segments]}
+                  "chunks": [seg.chunk_key for seg in split.segments], "tenant": tenant.name}
         with self._lock:
             added = {key for key in record["chunks"] if key not in self.registry}
             try:
                 for segment, text in zip(split.segments, split.texts):
-                    self.registry.add(segment.chunk_key, text, segment.token_ids)
+                    self.registry.add(segment.chunk_key, text, segment.token_ids, tenant.name)
                 self.records.write(record)
             except BaseException:
                 for key in added:
@@ -173,30 +184,31 @@ class OpenAIServingDocuments:
 
     # --- lookup ----------------------------------------------------------------------------
 
-    async def _record(self, doc_id: str) -> dict:
+    async def _record(self, doc_id: str, tenant: Tenant) -> dict:
         if not is_document_id(doc_id):
             raise APIError(f"invalid document ID {doc_id[:80]!r}: expected doc- and 32 hex characters", 400, "document_id")
         record = await asyncio.to_thread(self.records.get, doc_id)
-        if record is None:
+        if record is None or record.get("tenant", "default") != tenant.name:
             raise APIError(f"document {doc_id} not found", 404, "document_id")
         return record
 
-    async def retrieve(self, doc_id: str) -> dict:
-        return DocumentObject(**await self._record(doc_id)).model_dump()
+    async def retrieve(self, doc_id: str, tenant: Tenant) -> dict:
+        return _document(await self._record(doc_id, tenant)).model_dump()
 
-    async def list(self, after: Optional[str], limit: int) -> dict:
-        """A page of documents in registration order, starting after the ID `after`."""
+    async def list(self, after: Optional[str], limit: int, tenant: Tenant) -> dict:
+        """A page of the tenant's documents in registration order, starting after the ID `after`."""
         if after is not None and not is_document_id(after):
             raise APIError(f"invalid document ID {after[:80]!r}", 400, "after")
         try:
-            records = await asyncio.to_thread(self.records.list, after, limit + 1)
+            records = await asyncio.to_thread(self.records.list, after, limit + 1, tenant.name)
         except ValueError as e:
             raise APIError(str(e), 400, "after") from None
-        return DocumentList(data=[DocumentObject(**r) for r in records[:limit]], has_more=len(records) > limit).model_dump()
+        return DocumentList(data=[_document(r) for r in records[:limit]], has_more=len(records) > limit).model_dump()
 
-    async def delete(self, doc_id: str) -> dict:
-        """Forget a document and its pieces (record and KV), except pieces another document lists."""
-        record = await self._record(doc_id)
+    async def delete(self, doc_id: str, tenant: Tenant) -> dict:
+        """Forget a document and its pieces (record and KV), except pieces another document lists
+        or another tenant owns (a "default" piece may be a shared chunk)."""
+        record = await self._record(doc_id, tenant)
 
         def remove() -> bool:
             with self._lock:
@@ -204,8 +216,10 @@ class OpenAIServingDocuments:
                     return False  # deleted meanwhile
                 listed = {key for other in self.records.all() for key in other["chunks"]}
                 for key in set(record["chunks"]) - listed:
-                    self.registry.delete(key)
-                    self.engine.store.delete(key)
+                    piece = self.registry.get(key)
+                    if piece is None or owner(piece) == tenant.name:
+                        self.registry.delete(key)
+                        self.engine.store.delete(key)
             return True
 
         if not await asyncio.to_thread(remove):
@@ -214,10 +228,11 @@ class OpenAIServingDocuments:
 
     # --- analysis --------------------------------------------------------------------------
 
-    async def analyze(self, doc_id: str, body: DocumentAnalyzeRequest) -> dict:
-        """The question over each window of pieces, plus the reduce step if asked for."""
+    async def analyze(self, doc_id: str, body: DocumentAnalyzeRequest, tenant: Tenant, slot: Slot) -> dict:
+        """The question over each window of pieces, plus the reduce step if asked for: one
+        request in flight for `tenant` (its window requests run in the same `slot`)."""
         self.chat.check_model(body.model)
-        record = await self._record(doc_id)
+        record = await self._record(doc_id, tenant)
         windows = self._windows(record, body)
         pieces = record["chunks"]
         # Bounded so that a long sweep waits here instead of filling the engine's queue (503).
@@ -229,7 +244,7 @@ class OpenAIServingDocuments:
             if body.temperature is not None:
                 fields["temperature"] = body.temperature
             async with slots:
-                return await self.chat.create_chat_completion(ChatCompletionRequest(**fields))
+                return await self.chat.create_chat_completion(ChatCompletionRequest(**fields), tenant, slot)
 
         tasks = [asyncio.ensure_future(ask(body.question, pieces[a:b])) for a, b in windows]
         try:

@@ -22,6 +22,7 @@ from server.errors import APIError
 from server.protocol import SamplingRequest, UsageInfo
 from server.serving_chunks import OpenAIServingChunks, ResolvedChunks
 from server.state import ServerState
+from server.tenants import Tenant
 
 T = TypeVar("T")
 
@@ -79,21 +80,24 @@ class OpenAIServing:
                 raise APIError(f"{name} is not supported", 400, name)
 
     def build_request(self, request_id: str, segments: list[Segment], body: SamplingRequest,
-                      max_tokens: Optional[int], input_param: str, user_turn: tuple[int, ...] = ()) -> Request:
-        """The engine request, resolved once (APIError 400 if the engine refuses it)."""
+                      max_tokens: Optional[int], input_param: str, tenant: Tenant, salt: str,
+                      user_turn: tuple[int, ...] = ()) -> Request:
+        """The engine request, resolved once (APIError 400 if the engine refuses it); `salt`:
+        the one its segments were keyed with."""
         try:
             sampling = SamplingParams(
                 max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                 top_k=body.top_k if body.top_k > 0 else -1, seed=body.seed, stop=list(body.stop or []),
                 stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos)
             blend = BlendParams(**body.cacheblend.model_dump()) if body.cacheblend else BlendParams()
-            return self.engine.make_request(request_id, segments, sampling, blend, input_param, user_turn)
+            return self.engine.make_request(request_id, segments, sampling, blend, input_param, user_turn,
+                                            salt=salt, tenant=tenant.name)
         except RequestError as e:
             raise APIError(str(e), 400, e.param) from None
         except ValueError as e:
             raise APIError(str(e), 400) from None
 
-    async def submit(self, request: Request, chunks: ResolvedChunks) -> RequestStream:
+    async def submit(self, request: Request, chunks: ResolvedChunks, tenant: Tenant) -> RequestStream:
         """Queue the request, then record its inline chunks (nothing is written for a refused one)."""
         try:
             stream = self.state.async_engine.submit(request)
@@ -101,7 +105,7 @@ class OpenAIServing:
             raise APIError("the server is at capacity; retry shortly", 503,
                            headers={"Retry-After": RETRY_AFTER_S}) from None
         try:
-            await self.chunks.record(chunks.inline)
+            await self.chunks.record(chunks.inline, tenant)
         except BaseException:
             stream.close()
             raise

@@ -2,6 +2,8 @@
 
     with start_server(max_queue=4, api_key="k") as base_url:   # "http://127.0.0.1:PORT"
         ...
+    with start_server_process(api_keys_file=path) as (base_url, proc):   # proc: to send it signals
+        ...
 
 Settings go in as CACHEBLEND_* variables (inherited ones are dropped, so the developer's
 environment cannot leak in). The disk KV tier and the chunk registry live in a temporary folder;
@@ -13,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from config.settings import DEFAULT_DATA_DIR, Settings
-from server.launcher import serve_subprocess
+from server.launcher import serve_process
 
 
 def _env_value(value: Any) -> str:
@@ -32,6 +35,13 @@ def _env_value(value: Any) -> str:
 @contextlib.contextmanager
 def start_server(**settings: Any) -> Iterator[str]:
     """Start the server with these settings (field names of config.Settings); yield its base URL."""
+    with start_server_process(**settings) as (base_url, _):
+        yield base_url
+
+
+@contextlib.contextmanager
+def start_server_process(**settings: Any) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`start_server`, yielding the base URL and the server process."""
     unknown = set(settings) - set(Settings.model_fields)
     if unknown:
         raise TypeError(f"unknown settings: {sorted(unknown)}")
@@ -45,5 +55,5 @@ def start_server(**settings: Any) -> Iterator[str]:
             settings = {"data_dir": data_dir, **settings}
         settings = {"kv_disk_path": Path(tmp, "kv"), **settings}
         env.update({f"CACHEBLEND_{name.upper()}": _env_value(v) for name, v in settings.items() if v is not None})
-        with serve_subprocess(Path(tmp, "server.log"), env=env) as base_url:
-            yield base_url
+        with serve_process(Path(tmp, "server.log"), env=env) as served:
+            yield served

@@ -911,7 +911,8 @@ def test_registry_persistence_and_paging(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(time, "time", lambda: next(clock))
     for i, k in enumerate(keys):
         rec = reg.add(k, f"text {i}", list(range(i, i + 3)))
-        assert rec == {"key": k, "text": f"text {i}", "token_ids": list(range(i, i + 3)), "created": rec["created"]}
+        assert rec == {"key": k, "text": f"text {i}", "token_ids": list(range(i, i + 3)), "created": rec["created"],
+                       "tenant": "default", "shared": False}
     monkeypatch.undo()
     assert reg.add(keys[0], "other text", [9])["text"] == "text 0"  # first registration wins
     expected = [keys[3]] + sorted(keys[:3]) + [keys[4]]

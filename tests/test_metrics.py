@@ -50,6 +50,7 @@ def populated(model_name: str = "smol") -> Metrics:
     m.set_queue(running=1, waiting=2)
     m.set_ratio(0.15)
     m.controller_decision("hold")
+    m.observe_tenant("team-a", "ok")
     return m
 
 

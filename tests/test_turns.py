@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import PASSAGES
-from engine.blend import KVCache, PrefillInput, blend_prefill
+from engine.blend import KVCache, PrefillInput, blend_prefill, span_sensitivity
 from engine.prompt import chat_segments, turn_ids
 from engine.quality import first_token_kl
 from engine.request import BlendParams, BlendSpec
@@ -41,6 +41,15 @@ def test_reply_positions_need_the_generation_prompt_and_the_fed_tokens():
     assert reply_positions(reply + [0] * 5, prompt, fed) is None              # too much is missing
 
 
+def test_a_turn_span_ranks_as_a_typical_chunk_token_by_sensitivity():
+    chunk = torch.tensor([1.0, 5.0, 3.0])
+    inp = PrefillInput(torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.bool), chunk_spans=[(1, 4), (5, 7)],
+                       chunk_sensitivity=lambda: [chunk, None])
+    assert span_sensitivity(inp, 8, torch.device("cpu")).tolist() == [0, 1, 5, 3, 0, 3, 3, 0]
+    only_turns = PrefillInput(inp.token_ids, inp.forced, chunk_spans=[(5, 7)], chunk_sensitivity=lambda: [None])
+    assert span_sensitivity(only_turns, 8, torch.device("cpu")) is None  # value deviation alone
+
+
 def test_earlier_messages_become_keyed_turns_with_the_same_tokens(engine):
     tok = engine.tokenizer
     messages = [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
@@ -68,9 +77,9 @@ def test_turn_kv_is_the_pre_rope_kv_at_its_positions(engine):
     torch.testing.assert_close(kv.values, cache.v[:, :, positions])
 
 
-def _conversation(engine, blend: dict, window: int = 3, max_tokens: int = 24):
-    """Six turns with passages as chunks; the client keeps the system message and its last
-    `window` turns. Returns per turn: (answer token IDs, stats, segments)."""
+def _conversation(engine, blend: dict, window: int = 2, max_tokens: int = 24):
+    """Six turns with passages as chunks; the client keeps the system message and its last 3
+    turns (`window` earlier ones and the new one). Returns per turn: (answer token IDs, stats, segments)."""
     history, turns = [], []
     for i, question in enumerate(QUESTIONS):
         messages = [SYSTEM] + history[-2 * window:] + [{"role": "user", "content": question}]
@@ -97,8 +106,8 @@ def test_windowed_conversation_at_ratio_one_equals_full_prefill(engine, fresh_pr
 
 
 def test_turn_blending_is_closer_to_full_prefill_than_reusing_turns_as_is(engine, fresh_prefix_cache):
-    """At the default ratio: first-token KL against a full prefill of the same prompt, for the
-    conversation's later turns (reported), against reusing the turn KV without recompute."""
+    """At the default ratio: first-token KL against a full prefill of the same prompt, from turn
+    4 on (the history has slid), against reusing the turn KV without recompute (reported)."""
     kl = {}
     for mode in ("cacheblend", "full_reuse"):
         turns = _conversation(engine, {"mode": mode})
