@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from kvstore.atomic import atomic_write, remove_temp_files
 from kvstore.keys import is_key
+from kvstore.registry import owner
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _valid(record: object, doc_id: str) -> bool:
     return (isinstance(record, dict) and record.get("id") == doc_id
             and all(isinstance(record.get(f), int) for f in _INT_FIELDS)
             and isinstance(record.get("chunks"), list) and all(isinstance(k, str) and is_key(k) for k in record["chunks"])
-            and isinstance(record.get("tenant", "default"), str))
+            and isinstance(owner(record), str))
 
 
 class DocumentRecords:
@@ -101,7 +102,7 @@ class DocumentRecords:
     def list(self, after: Optional[str] = None, limit: int = 100, tenant: Optional[str] = None) -> list[Record]:
         """Up to `limit` records in (created, id) order after the ID `after` (ValueError if unknown);
         with `tenant`, only the ones it owns."""
-        records = [r for r in self.all() if tenant is None or r.get("tenant", "default") == tenant]
+        records = [r for r in self.all() if tenant is None or owner(r) == tenant]
         start = 0
         if after is not None:
             ids = [r["id"] for r in records]

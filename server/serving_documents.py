@@ -188,7 +188,7 @@ class OpenAIServingDocuments:
         if not is_document_id(doc_id):
             raise APIError(f"invalid document ID {doc_id[:80]!r}: expected doc- and 32 hex characters", 400, "document_id")
         record = await asyncio.to_thread(self.records.get, doc_id)
-        if record is None or record.get("tenant", "default") != tenant.name:
+        if record is None or owner(record) != tenant.name:
             raise APIError(f"document {doc_id} not found", 404, "document_id")
         return record
 

@@ -28,11 +28,12 @@ from typing import AsyncIterator, Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from kvstore.registry import DEFAULT_TENANT
 from server.errors import APIError
 
 log = logging.getLogger(__name__)
 
-DEFAULT = "default"
+DEFAULT = DEFAULT_TENANT  # what records written before tenants existed belong to
 LIMIT_RETRY_AFTER_S = "1"  # requests in flight end soon; stored chunks only when the tenant deletes some
 
 
