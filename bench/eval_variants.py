@@ -37,7 +37,7 @@ class Variant:
 ALL_VARIANTS = "default,head4,prefix_ctx,gradual,value_signal,key_signal,check0,check2,check3,random_sel"
 VARIANT_HELP = ("default | headN (recompute the first N tokens of every chunk) | prefix_ctx / sink_ctx (chunk KV "
                 "precomputed after the prompt prefix / a sink token) | gradual (check layers 1,8,16 at ratios "
-                ".2,.15,.1) | key_signal / value_signal / sensitivity_signal | checkN (one check layer N) | random_sel (control: as many "
+                ".2,.15,.1) | sched:1=.2/20=.05 (check layers and their ratios) | key_signal / value_signal / sensitivity_signal | checkN (one check layer N) | random_sel (control: as many "
                 f"tokens chosen at random instead of by deviation); 'all' = {ALL_VARIANTS}")
 
 
@@ -68,12 +68,37 @@ def parse_variant(name: str, num_layers: int) -> Variant:
                        {"selection_signal": "sensitivity"}, selection_signal="sensitivity")
     if name == "random_sel":
         return Variant(name, "control: the same number of chunk tokens, chosen at random", selection_signal="random")
+    if name.startswith("sched:"):
+        return _schedule(name, num_layers)
     if name.startswith("check") and name[5:].isdigit():
         layer = int(name[5:])
         if not 0 <= layer < num_layers:
             raise ValueError(f"variant {name}: the model has layers 0..{num_layers - 1}")
         return Variant(name, f"one check layer at {layer}", check_layers=(layer,))
     raise ValueError(f"unknown variant {name!r}; known: {VARIANT_HELP}")
+
+
+def _schedule(name: str, num_layers: int) -> Variant:
+    """`sched:1=.2/20=.05`: check layer 1 keeps 20% of the chunk tokens, layer 20 keeps 5% of them."""
+    try:
+        pairs = [part.split("=") for part in name.removeprefix("sched:").split("/")]
+        layers, ratios = tuple(int(layer) for layer, _ in pairs), tuple(float(r) for _, r in pairs)
+    except ValueError:
+        raise ValueError(f"variant {name}: write sched:LAYER=RATIO/LAYER=RATIO...") from None
+    if list(layers) != sorted(set(layers)) or not 0 <= layers[0] or layers[-1] >= num_layers:
+        raise ValueError(f"variant {name}: check layers must increase within 0..{num_layers - 1}")
+    if any(not 0 <= r <= 1 for r in ratios) or list(ratios) != sorted(ratios, reverse=True):
+        raise ValueError(f"variant {name}: ratios must be in [0, 1] and non-increasing")
+    budget = schedule_budget(layers, ratios, num_layers)
+    return Variant(name, f"check layers {list(layers)} at ratios {list(ratios)}: {budget:.2f} layers' worth of chunk "
+                         f"tokens recomputed after layer {layers[0]}", check_layers=layers, check_ratios=ratios)
+
+
+def schedule_budget(layers: Sequence[int], ratios: Sequence[float], num_layers: int) -> float:
+    """Chunk-token recompute after the first check layer, in whole layers: a check layer still
+    computes the tokens kept before it, its ratio holds from the next layer on."""
+    bounds = list(layers[1:]) + [num_layers - 1]
+    return sum(r * (end - start) for start, end, r in zip(layers, bounds, ratios))
 
 
 def parse_variants(text: Optional[str], num_layers: int) -> list[Variant]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
@@ -35,10 +34,9 @@ from typing import Optional
 
 import torch
 
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=128)
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+from bench.gpu_checks import attention_check, ratio_one_check
+from bench.gpu_model import MISTRAL_7B, TINY, StubTokenizer, Timer, build_model, tier_store
+
 FIXED_TOKENS = 32  # prefix and suffix length each
 
 
@@ -61,110 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("gpu_ttft.md"), help="markdown table; JSON goes next to it (.json)")
     p.add_argument("--dry-run", action="store_true", help="tiny 2-layer model on the CPU, contexts 64,128 (for tests)")
     p.set_defaults(func=run)
-
-
-# --- model ------------------------------------------------------------------------------------
-
-
-def hf_config(shape: dict, max_positions: int):
-    from transformers import MistralConfig
-
-    return MistralConfig(**shape, max_position_embeddings=max_positions, rope_theta=1e6, sliding_window=None,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-
-
-@torch.no_grad()
-def random_state_dict(shape: dict, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights in HF Llama/Mistral naming, created on `device` (no CPU copy of the model)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    H, I, V, L = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_hidden_layers"]
-    D, nh, nkv = shape["head_dim"], shape["num_attention_heads"], shape["num_key_value_heads"]
-    out_std = 0.02 / math.sqrt(2 * L)  # residual-branch outputs scaled down so activations stay finite
-
-    def rnd(*size: int, std: float = 0.02) -> torch.Tensor:
-        return torch.empty(size, device=device, dtype=dtype).normal_(0.0, std, generator=g)
-
-    w = {"model.embed_tokens.weight": rnd(V, H), "model.norm.weight": torch.ones(H, device=device, dtype=dtype),
-         "lm_head.weight": rnd(V, H)}
-    for i in range(L):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = torch.ones(H, device=device, dtype=dtype)
-        w[p + "post_attention_layernorm.weight"] = torch.ones(H, device=device, dtype=dtype)
-        w[p + "self_attn.q_proj.weight"] = rnd(nh * D, H)
-        w[p + "self_attn.k_proj.weight"] = rnd(nkv * D, H)
-        w[p + "self_attn.v_proj.weight"] = rnd(nkv * D, H)
-        w[p + "self_attn.o_proj.weight"] = rnd(H, nh * D, std=out_std)
-        w[p + "mlp.gate_proj.weight"] = rnd(I, H)
-        w[p + "mlp.up_proj.weight"] = rnd(I, H)
-        w[p + "mlp.down_proj.weight"] = rnd(H, I, std=out_std)
-    return w
-
-
-def build_model(shape: dict, device: torch.device, dtype: torch.dtype, max_positions: int, seed: int):
-    from engine.model import Transformer
-
-    weights = random_state_dict(shape, device, dtype, seed)
-    model = Transformer(hf_config(shape, max_positions), weights, device, dtype)
-    del weights
-    return model
-
-
-def tier_store(tier: str, device: torch.device, dtype: str):
-    """A store holding chunk KV in one memory tier only, in the compute dtype.
-
-    device: GPU memory; cpu: host memory, pinned when the device is CUDA. The engine reads it
-    layer by layer (LayerPrefetcher: a background thread, side CUDA stream) during prefill.
-    """
-    from kvstore import TieredStore
-    from kvstore.tier_memory import MemoryTier
-
-    cap = 1 << 40  # never evict in this bench
-    if tier == "device":
-        t = MemoryTier("device", cap, device)
-    else:
-        t = MemoryTier("cpu", cap, torch.device("cpu"), pin_memory=device.type == "cuda")
-    return TieredStore([t], dtype, device)
-
-
-class StubTokenizer:
-    """What LLMEngine reads from a tokenizer when prompts arrive as token IDs."""
-    bos_token_id = 1
-    eos_token_id = 2
-    unk_token_id = 0
-
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return self.unk_token_id
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Byte-level IDs past the specials, inside even the tiny dry-run vocab (the probe passage)."""
-        return [3 + b % 250 for b in text.encode()]
-
-
-# --- measurement --------------------------------------------------------------------------------
-
-
-class Timer:
-    """CUDA events on a GPU, perf_counter elsewhere; milliseconds."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self) -> "Timer":
-        if self.cuda:
-            torch.cuda.synchronize()
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.cuda:
-            self.end.record()
-            self.end.synchronize()
-            self.ms = self.start.elapsed_time(self.end)
-        else:
-            self.ms = (time.perf_counter() - self.t0) * 1e3
-        self.wall_ms = (time.perf_counter() - self.t0) * 1e3
 
 
 @dataclass
@@ -242,6 +136,14 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
     precompute_s = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    first = [prefix] + chunks[:max(1, contexts[0] // chunk_tokens)] + [suffix]
+    checks = {"attention": attention_check(shape, device, dtype, n_keys=128 if dry else 4096,
+                                           timed_keys=192 if dry else max_ctx, ratio=args.ratio),
+              "ratio_one": ratio_one_check(engine, first, check_layer)}
+    checks["seconds"] = time.perf_counter() - t0
+    print(f"checks: {json.dumps(checks)}", flush=True)
+
     cases = [Case("full_prefill", "full_prefill", None)] + [Case(f"cacheblend[{t}]", "cacheblend", t) for t in tiers]
     blend = {"full_prefill": BlendParams(mode="full_prefill"),
              "cacheblend": BlendParams(mode="cacheblend", recompute_ratio=args.ratio, check_layers=[check_layer])}
@@ -256,7 +158,6 @@ def run(args: argparse.Namespace) -> int:
         samples: dict[str, list[float]] = {c.label: [] for c in cases}
         walls: dict[str, list[float]] = {c.label: [] for c in cases}
         recomputed: dict[str, int] = {}
-        tokens_out: dict[str, int] = {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for it in range(args.warmup + args.repeat):
@@ -266,9 +167,8 @@ def run(args: argparse.Namespace) -> int:
                     engine.store = stores[case.tier]
                 engine.prefix_cache.clear()
                 with Timer(device) as tm:
-                    tok, pre = first_token(engine, segments, blend[case.mode], device)
+                    _, pre = first_token(engine, segments, blend[case.mode], device)
                 recomputed[case.label] = pre.result.stats.recomputed_tokens
-                tokens_out[case.label] = tok
                 del pre
                 if it >= args.warmup:
                     samples[case.label].append(tm.ms)
@@ -293,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
             "shape": shape, "dry_run": dry, "ratio": args.ratio, "check_layer": check_layer,
             "repeat": args.repeat, "warmup": args.warmup, "tiers": tiers, "model_build_s": build_s,
             "chunk_precompute_s": precompute_s, "total_s": time.perf_counter() - t_start,
-            "skipped_contexts": skipped, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
+            "skipped_contexts": skipped, "checks": checks, "timer": "cuda events" if device.type == "cuda" else "perf_counter"}
     md = to_markdown(rows, cases, info)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(md)
@@ -329,4 +229,10 @@ def to_markdown(rows: list[dict], cases: list[Case], info: dict) -> str:
                   f"total {info['total_s']:.1f} s; torch {info['torch']}, CUDA {info['cuda']}"]
     if info["skipped_contexts"]:
         lines.append(f"skipped (time budget): {info['skipped_contexts']}")
+    a, one = info["checks"]["attention"], info["checks"]["ratio_one"]
+    lines += ["", f"Checks: selected-query attention ({a['queries']} queries over {a['keys']} keys, {a['dtype']}) max abs "
+                  f"error {a['max_abs_error_vs_float64']:.2e} vs float64; fused SDPA kernel: {a['fused_kernel']}; at "
+                  f"{a['timed_keys']} keys {a['default_ms']:.2f} ms vs {a['math_path_ms']:.2f} ms on the unfused math path. "
+                  f"Ratio 1.0 vs full prefill: same first token {one['first_token_equal']}, max abs logit diff "
+                  f"{one['max_abs_logit_diff']:.2e} (logits up to {one['logit_scale']:.2f})."]
     return "\n".join(lines) + "\n"

@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX where it measures faster, else float32)")
     max_model_len: int = Field(8192, ge=16, description="Longest prompt + completion in tokens")
-    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Folder for the converted embedded model and the disk KV tier")
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Folder for the converted embedded model (read at start-up; servers may share it)")
+    state_dir: Optional[Path] = Field(None, description="Folder for everything this server writes: the chunk registry (chunks/), document records (documents/) and the disk KV tier (kv/); give each server its own (default: data_dir)")
 
     # --- blending ---
     mode: Mode = Field("cacheblend", description="Prefill mode: full_prefill | prefix_cache | full_reuse | cacheblend")
@@ -90,7 +91,7 @@ class Settings(BaseSettings):
     kv_device_bytes: int = Field(2 << 30, ge=0, description="Capacity of the GPU tier (CUDA only)")
     kv_cpu_bytes: int = Field(4 << 30, ge=0, description="Capacity of the host-memory tier")
     kv_disk_bytes: int = Field(32 << 30, ge=0, description="Capacity of the disk tier (0 disables it)")
-    kv_disk_path: Optional[Path] = Field(None, description="Disk tier folder (default: <data_dir>/kv)")
+    kv_disk_path: Optional[Path] = Field(None, description="Disk tier folder, to put KV on another disk than the rest of the state (default: <state_dir>/kv)")
     kv_disk_write: Literal["through", "back"] = Field("through", description="Disk tier written on put (through) or on eviction from CPU (back)")
     redis_url: Optional[str] = Field(None, description="redis://host:port/db for the shared tier")
     redis_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="TTL of chunk KV in Redis")
@@ -147,5 +148,9 @@ class Settings(BaseSettings):
         return list(self.check_ratios) if self.check_ratios is not None else [self.recompute_ratio] * len(self.check_layers)
 
     @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.data_dir
+
+    @property
     def resolved_kv_disk_path(self) -> Path:
-        return self.kv_disk_path if self.kv_disk_path is not None else self.data_dir / "kv"
+        return self.kv_disk_path if self.kv_disk_path is not None else self.resolved_state_dir / "kv"

@@ -83,10 +83,10 @@ def build_store(settings: "Settings", device: torch.device) -> TieredStore:
 
 
 def build_registry(settings: "Settings") -> ChunkRegistry:
-    """The chunk registry under `<data_dir>/chunks`, shared through Redis when configured."""
-    return ChunkRegistry(settings.data_dir / "chunks", settings.redis_url, settings.redis_timeout_s)
+    """The chunk registry under `<state_dir>/chunks`, shared through Redis when configured."""
+    return ChunkRegistry(settings.resolved_state_dir / "chunks", settings.redis_url, settings.redis_timeout_s)
 
 
 def build_documents(settings: "Settings") -> DocumentRecords:
-    """The document records under `<data_dir>/documents`, next to the chunk registry's."""
-    return DocumentRecords(settings.data_dir / "documents")
+    """The document records under `<state_dir>/documents`, next to the chunk registry's."""
+    return DocumentRecords(settings.resolved_state_dir / "documents")

@@ -86,6 +86,7 @@ class ChunkRegistry:
         self._meta: dict[str, Record] = {}  # key -> {"tenant", "shared", "tokens"}: filters and counts without file reads
         self._order: list[tuple[int, str]] = []  # sorted (created, key): the listing order
         self._unpublished: set[str] = set()  # local records Redis may not hold yet
+        self._stale: set[str] = set()  # local records changed since Redis got them (overwrite there)
         self._redis: Optional["redis.Redis"] = None
         errors: tuple[type[BaseException], ...] = ()
         if redis_url:
@@ -154,12 +155,12 @@ class ChunkRegistry:
         return record
 
     def _overwrite_redis(self, record: Record) -> None:
-        """A changed record (publishing never overwrites: two nodes may register one key at once)."""
+        """A changed record replaces Redis's copy, now or at the next sync if Redis is down
+        (a first publish never overwrites: two nodes may register one key at once)."""
         if self._redis is not None:
-            redis_client = self._redis
-            if self._breaker.call("SET", lambda: redis_client.set(RECORD_PREFIX + record["key"], json.dumps(record)), None):
-                with self._lock:
-                    self._unpublished.discard(record["key"])
+            with self._lock:
+                self._stale.add(record["key"])
+            self._sync()
 
     def usage(self, tenant: str) -> tuple[int, int]:
         """(chunks, tokens) of the records `tenant` owns, among those this node holds."""
@@ -170,7 +171,8 @@ class ChunkRegistry:
     def _sync(self) -> None:
         """Publish the local records Redis may lack (skipped while it is down)."""
         with self._lock:
-            keys = list(self._unpublished)
+            keys = list(self._unpublished | self._stale)
+            stale = set(self._stale)
         if not keys or self._redis is None:
             return
         records = [r for r in (self._read_local(k) for k in keys) if r is not None]
@@ -179,7 +181,7 @@ class ChunkRegistry:
         def publish() -> bool:
             pipe = redis_client.pipeline()
             for r in records:
-                pipe.set(RECORD_PREFIX + r["key"], json.dumps(r), nx=True)
+                pipe.set(RECORD_PREFIX + r["key"], json.dumps(r), nx=r["key"] not in stale)
                 pipe.zadd(INDEX_KEY, {r["key"]: r["created"]}, nx=True)
             pipe.execute()
             return True
@@ -187,6 +189,7 @@ class ChunkRegistry:
         if self._breaker.call("SET", publish, False):
             with self._lock:
                 self._unpublished.difference_update(keys)
+                self._stale.difference_update(stale)
 
     def get(self, key: str) -> Optional[Record]:
         """The record of `key`, from local files or else Redis; None if unknown."""
@@ -213,6 +216,7 @@ class ChunkRegistry:
             created = self._created.pop(key, None)
             self._meta.pop(key, None)
             self._unpublished.discard(key)
+            self._stale.discard(key)
             if created is not None:
                 self._order.pop(bisect.bisect_left(self._order, (created, key)))
         found = created is not None

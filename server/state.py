@@ -59,4 +59,14 @@ def load_state(settings: Settings, engine: Optional[LLMEngine] = None) -> Server
     async_engine = AsyncEngine(engine, metrics)
     async_engine.start()
     log.info("serving %s (max_model_len %d) on %s", engine.model_name, engine.max_model_len, engine.device)
+    _log_state_placement(settings)
     return ServerState(settings, engine, build_registry(settings), metrics, async_engine)
+
+
+def _log_state_placement(settings: Settings) -> None:
+    state = settings.resolved_state_dir
+    log.info("state: chunk registry %s, document records %s, disk KV tier %s", state / "chunks", state / "documents",
+             settings.resolved_kv_disk_path if settings.kv_disk_bytes > 0 else "off")
+    if settings.kv_disk_path is not None and settings.state_dir is None:
+        log.warning("kv_disk_path is set but state_dir is not: the chunk registry and document records stay in %s, "
+                    "shared with every server that uses that data_dir; set state_dir to give this server its own", state)

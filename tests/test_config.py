@@ -54,3 +54,22 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     cfg.write_text("recompute_raito: 0.3\n")
     with pytest.raises(ValueError, match="recompute_raito"):
         load_settings(parse(["--config", str(cfg)]))
+
+
+def test_state_dir_places_everything_a_server_writes(tmp_path, monkeypatch):
+    """One setting places the registry, the document records and the disk KV tier; kv_disk_path
+    alone moves only the KV."""
+    from kvstore import build_documents, build_registry
+
+    monkeypatch.setenv("CACHEBLEND_STATE_DIR", str(tmp_path / "state"))
+    s = load_settings(parse(["--data-dir", str(tmp_path / "data")]))
+    assert s.resolved_kv_disk_path == tmp_path / "state" / "kv"
+    registry = build_registry(s)
+    registry.add("a" * 64, "some text", [1, 2, 3])
+    registry.close()
+    assert list((tmp_path / "state" / "chunks").rglob("*")) and not (tmp_path / "data").exists()
+    assert build_documents(s).root == tmp_path / "state" / "documents"
+
+    monkeypatch.delenv("CACHEBLEND_STATE_DIR")
+    only_kv = Settings(data_dir=tmp_path / "data", kv_disk_path=tmp_path / "fast")
+    assert only_kv.resolved_kv_disk_path == tmp_path / "fast" and only_kv.resolved_state_dir == tmp_path / "data"

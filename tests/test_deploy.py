@@ -76,18 +76,28 @@ def test_compose_services_builds_and_volumes():
     assert services["lb"]["ports"] == ["8000:80"]
 
 
-def test_replicas_share_redis_and_keep_their_own_disk_tier():
+def test_replicas_share_redis_and_keep_their_own_state_on_a_volume():
     services = load(COMPOSE)["services"]
     disks = set()
     for name in REPLICAS:
         env = services[name]["environment"]
         assert env["CACHEBLEND_REDIS_URL"] == "redis://redis:6379/0"
         assert SERVER_PORT in services[name]["expose"]
-        disk_path = env["CACHEBLEND_KV_DISK_PATH"]
+        state_dir = env["CACHEBLEND_STATE_DIR"]  # registry, documents and disk KV: kept across re-creation
         mounts = [v.split(":") for v in services[name]["volumes"]]
-        volume = next(src for src, dst, *_ in mounts if disk_path.startswith(dst + "/"))
+        volume = next(src for src, dst, *_ in mounts if state_dir == dst or state_dir.startswith(dst + "/"))
         disks.add(volume)
-    assert len(disks) == len(REPLICAS)  # a disk tier is written by one process only
+    assert len(disks) == len(REPLICAS)  # a state folder is written by one process only
+
+
+def test_replicas_can_read_a_keys_file_that_never_enters_the_image():
+    services = load(COMPOSE)["services"]
+    for name in REPLICAS:
+        assert "./secrets:/etc/cacheblend:ro" in services[name]["volumes"]
+        assert services[name]["environment"]["CACHEBLEND_API_KEYS_FILE"] is None  # passed through from the shell
+    assert (ROOT / "docker" / "secrets" / ".gitignore").read_text().splitlines()[1:] == ["*", "!.gitignore"]
+    ignored = (ROOT / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    assert "docker" in ignored and "!docker/secrets" not in ignored  # the build context leaves docker/ out
 
 
 def test_gpu_override_reserves_a_gpu_per_replica_with_the_cuda_image():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench import stats, tune
-from bench.eval_variants import parse_variant, parse_variants
+from bench.eval_variants import parse_variant, parse_variants, schedule_budget
 from cacheblend.cli import main as cli_main
 from engine.quality import first_token_kl
 
@@ -185,3 +185,15 @@ def test_parse_variants():
         parse_variant("bogus", 30)
     with pytest.raises(ValueError):
         parse_variant("check40", 30)
+
+
+def test_schedule_variant_and_its_budget():
+    v = parse_variant("sched:1=.2/20=.05", 30)
+    spec = v.spec(0.15)
+    assert spec.check_layers == (1, 20) and spec.check_ratios == (0.2, 0.05) and spec.ratio == 0.05
+    # layers 2-20 at 20% of the chunk tokens, 21-29 at 5%; one check layer at 1 and 15% is the default's 4.2
+    assert schedule_budget((1, 20), (0.2, 0.05), 30) == pytest.approx(19 * 0.2 + 9 * 0.05)
+    assert schedule_budget((1,), (0.15,), 30) == pytest.approx(4.2)
+    for bad in ("sched:1=.05/20=.2", "sched:20=.2/1=.1", "sched:1=.2/30=.1", "sched:1=1.5", "sched:1-.2"):
+        with pytest.raises(ValueError, match="variant sched"):
+            parse_variant(bad, 30)

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from bench import gpu_ttft
+from bench import gpu_checks, gpu_model, gpu_ttft
 from cacheblend.cli import main as cli_main
 
 
@@ -30,13 +30,29 @@ def test_dry_run_writes_table_and_json(tmp_path, capsys):
         assert r["cacheblend[device]"]["tokens_recomputed"] < r["context_tokens"]  # selective recompute after layer 0
         assert r["cacheblend[cpu]"]["tokens_recomputed"] == r["cacheblend[device]"]["tokens_recomputed"]
     assert res["info"]["dry_run"] and res["info"]["shape"]["num_hidden_layers"] == 2
+    checks = res["info"]["checks"]
+    assert checks["attention"]["max_abs_error_vs_float64"] < 1e-5  # fp32 on the CPU
+    assert checks["ratio_one"]["first_token_equal"] and checks["ratio_one"]["max_abs_logit_diff"] < 1e-4
+    assert "Checks: selected-query attention" in md
+
+
+def test_reference_attention_is_causal_per_query():
+    """The float64 reference of the GPU check: a query at position p never sees a later key."""
+    q_pos = torch.tensor([0, 3])
+    q = torch.randn(2, 2, 4)
+    k, v = torch.randn(1, 5, 4), torch.randn(1, 5, 4)
+    v_later = v.clone()
+    v_later[:, 4] += 100.0  # no query sits at 4
+    out = gpu_checks.reference_attention(q, k, v, q_pos)
+    assert torch.equal(out, gpu_checks.reference_attention(q, k, v_later, q_pos))
+    assert torch.allclose(out[:, 0], v[0, 0].double().expand(2, 4))  # position 0 sees only itself
 
 
 def test_random_weights_have_the_mistral_shape_names():
-    w = gpu_ttft.random_state_dict(gpu_ttft.TINY, torch.device("cpu"), torch.float32, seed=0)
+    w = gpu_model.random_state_dict(gpu_model.TINY, torch.device("cpu"), torch.float32, seed=0)
     assert w["model.layers.1.self_attn.k_proj.weight"].shape == (2 * 16, 64)
     assert w["model.layers.0.mlp.down_proj.weight"].shape == (64, 128)
     assert w["lm_head.weight"].shape == (256, 64)
-    cfg = gpu_ttft.hf_config(gpu_ttft.MISTRAL_7B, 40000)
+    cfg = gpu_model.hf_config(gpu_model.MISTRAL_7B, 40000)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.intermediate_size, cfg.vocab_size, cfg.sliding_window) == (32, 4096, 32, 8, 14336, 32000, None)

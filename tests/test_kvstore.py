@@ -983,6 +983,27 @@ def test_registry_publishes_local_records_to_a_fresh_or_restarted_redis(tmp_path
         other.close()
 
 
+@needs_redis
+def test_a_chunk_made_shared_while_redis_is_down_is_shared_there_once_it_is_back(tmp_path: Path) -> None:
+    from kvstore.registry import INDEX_KEY, RECORD_PREFIX
+
+    with start_redis() as server:
+        reg = ChunkRegistry(tmp_path / "chunks", server.url, retry_after_s=0.0)
+        old = reg.add(key_of(0), "public corpus", [1])
+        server.kill()
+        assert reg.add(key_of(0), "public corpus", [1], shared=True)["shared"] is True  # Redis missed it
+        server.restart()
+        raw = redis.Redis.from_url(server.url)  # a Redis that kept its data: it still has the old record
+        raw.set(RECORD_PREFIX + key_of(0), json.dumps(old))
+        raw.zadd(INDEX_KEY, {key_of(0): old["created"]})
+        reg.list(limit=5)  # the next sync replaces it (a first publish would not: SET NX)
+        other = ChunkRegistry(tmp_path / "other", server.url)
+        assert other.get(key_of(0))["shared"] is True  # type: ignore[index]
+        raw.close()
+        reg.close()
+        other.close()
+
+
 # --- layer prefetcher -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layers_per_fetch", [1, 3])
