@@ -71,6 +71,7 @@ class PrefillStats:
     deviation: dict[int, torch.Tensor] = field(default_factory=dict)  # check layer -> [n candidates] (inspect aid)
     candidates: dict[int, list[int]] = field(default_factory=dict)    # check layer -> candidate positions
     kv_wait_s: float = 0.0
+    paused_s: float = 0.0      # between layers, while the engine decoded other requests
     selection_s: float = 0.0
     compute_s: float = 0.0
     layer_compute_s: list[float] = field(default_factory=list)
@@ -93,7 +94,7 @@ def blend_prefill(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache:
     return run_to_end(blend_prefill_steps(model, inp, spec, cache))
 
 
-def run_to_end(steps: Generator[None, None, T]) -> T:
+def run_to_end(steps: Generator[object, None, T]) -> T:
     """Drive a step generator to its end and return its result."""
     while True:
         try:
@@ -102,9 +103,22 @@ def run_to_end(steps: Generator[None, None, T]) -> T:
             return done.value
 
 
+def run_for(steps: Generator[int, None, T], budget: int) -> Optional[T]:
+    """Advance a prefill (it yields each layer's computed tokens) until its layers have computed
+    `budget` tokens, at least one layer; its result if it finished, else None (it can go on)."""
+    spent = 0
+    while spent < budget:
+        try:
+            spent += next(steps)
+        except StopIteration as done:
+            return done.value
+    return None
+
+
 @torch.inference_mode()
-def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache: KVCache) -> Generator[None, None, PrefillResult]:
-    """The blend prefill, yielding after every layer (so a low-priority run can be paused)."""
+def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache: KVCache) -> Generator[int, None, PrefillResult]:
+    """The blend prefill, yielding after every layer the tokens it computed there (so a run can
+    be paused: between decode steps, or for a request that comes first)."""
     t_start = time.perf_counter()
     c = model.cfg
     N = inp.token_ids.numel()
@@ -139,7 +153,8 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
         K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
         V = cache.v[layer, :, :N]
         q, k, v = model.qkv(layer, h)                       # pre-RoPE, [H|Hkv, S, D]
-        stats.computed_per_layer.append(int(active.numel()))
+        computed = int(active.numel())
+        stats.computed_per_layer.append(computed)
         if pre_rope is not None:
             pre_rope[layer][:, active] = k
         if inp.exact_len:
@@ -192,11 +207,13 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
         if plan is None:
             plan = CausalPlan(active, N, model.dtype)
         h = model.finish_layer(layer, h, causal_attention(q, K, V, plan))
-        stats.layer_compute_s.append(time.perf_counter() - t_layer)
-        yield
+        t_yield = time.perf_counter()
+        stats.layer_compute_s.append(t_yield - t_layer)
+        yield computed
+        stats.paused_s += time.perf_counter() - t_yield
     logits = model.logits(h[-1:])[0]
     cache.length = N
-    stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s
+    stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s - stats.paused_s
     return PrefillResult(cache, logits, stats, pre_rope)
 
 

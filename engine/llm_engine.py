@@ -1,10 +1,12 @@
 """The engine: request -> segments -> token IDs -> KV fetch -> blend prefill -> decode -> output.
 
 `make_request` resolves a request once (length, blend spec). `step()` does one unit of work as
-the scheduler decides: prefill one request (its first token is sampled at once, so TTFT is one
-prefill), or one decode step for the running batch, or, when idle, one step of a quality
-re-run. Requests join and leave the decode batch between steps (continuous batching). The
-engine is driven by one thread; `add_request` and `abort` may be called from any thread.
+the scheduler decides: one decode step for the running batch, and a slice of the prefill in
+progress (layers, up to `max_num_batched_tokens` computed tokens; all of it when nobody is
+decoding), whose first token is sampled as soon as it ends; when idle, one step of a quality
+re-run. So a stream's next token never waits for a whole prefill of another request. Requests
+join and leave the decode batch between steps (continuous batching). The engine is driven by
+one thread; `add_request` and `abort` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Optional, Sequence as Seq
+from typing import Generator, Optional, Sequence as Seq
 
 import torch
 
 from config.settings import Settings
-from engine.blend import run_to_end
+from engine.blend import run_for, run_to_end
 from engine.chunks import Precompute
 from engine.decode import decode_step
 from engine.detok import Detokenizer
@@ -34,7 +36,7 @@ from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler
 from engine.segments import Segment
 from engine.sequence import Sequence
-from engine.stats import RequestStats
+from engine.stats import RequestStats, record_prefill
 from engine.turns import TurnKeeper
 from kvstore import build_store
 from kvstore.base import ChunkStore
@@ -64,6 +66,7 @@ class LLMEngine:
         self.turns = TurnKeeper(model, tokenizer, self.store, self.prefiller.turn_key) if settings.turn_reuse else None
         self.quality = QualityMonitor(settings, self.prefiller, self.eos_ids)
         self.scheduler: Scheduler[Sequence] = Scheduler(settings.max_num_seqs, settings.max_queue)
+        self._prefilling: Optional[tuple[Sequence, Generator[int, None, Prefilled]]] = None  # the prefill in progress
 
     @property
     def recompute_ratio(self) -> float:
@@ -125,10 +128,15 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         outputs = [self._finish(seq, "abort") for seq in sched.aborted]
         if sched.prefill is not None:
-            outputs.append(self._prefill(sched.prefill))
-        elif sched.decode:
+            self._start_prefill(sched.prefill)
+        if sched.decode:
             outputs += self._decode(sched.decode)
-        elif self.quality.has_work():
+        if self._prefilling is not None:
+            budget = max(1, self.settings.max_num_batched_tokens - len(sched.decode)) if sched.decode else None
+            out = self._advance_prefill(budget)
+            if out is not None:
+                outputs.append(out)
+        elif not sched.decode and self.quality.has_work():
             self.quality.step()
         return outputs
 
@@ -138,27 +146,37 @@ class LLMEngine:
 
     # --- prefill, decode, finish ------------------------------------------------------------
 
-    def _prefill(self, seq: Sequence) -> RequestOutput:
+    def _start_prefill(self, seq: Sequence) -> None:
+        req = seq.request
+        seq.stats.queue_s = time.perf_counter() - req.arrival_time
+        steps = self.prefiller.steps(req.segments, req.mode, req.spec, req.num_prompt_tokens + req.sampling.max_tokens,
+                                     remember=False, salt=req.salt)
+        self._prefilling = (seq, steps)
+
+    def _advance_prefill(self, budget: Optional[int]) -> Optional[RequestOutput]:
+        """Run the prefill in progress for `budget` computed tokens (None: to its end); its first
+        token's output once it ends."""
+        seq, steps = self._prefilling
         req, st = seq.request, seq.stats
-        t_start = time.perf_counter()
-        st.queue_s = t_start - req.arrival_time
         try:
-            pre = run_to_end(self.prefiller.steps(req.segments, req.mode, req.spec,
-                                                  req.num_prompt_tokens + req.sampling.max_tokens, remember=False,
-                                                  salt=req.salt))
+            pre = run_to_end(steps) if budget is None else run_for(steps, budget)
+            if pre is None:
+                return None  # the streams decode, then it goes on
+            self._prefilling = None
             t0 = time.perf_counter()
             token = seq.sampler(pre.result.logits)
         except Exception as e:  # one bad request must never take the engine (or other requests) down
             log.exception("prefill failed for %s", req.request_id)
             return self._finish(seq, "error", error=str(e))
         now = time.perf_counter()
+        self.scheduler.prefilled(seq)
         seq.cache = pre.result.cache
         if self.quality.wants(req.mode):
             seq.quality_logits = pre.result.logits.clone()
         self.prefiller.remember_prefix(req.segments, pre, req.salt)
         if self.turns is not None:
             self._keep(lambda: self.turns.keep_prompt(req.segments, pre.computed_turns, seq.cache, req.user_turn, req.salt))
-        _record_prefill(st, req, pre, first_decode_s=now - t0, ttft_s=now - req.arrival_time)
+        record_prefill(st, req, pre, first_decode_s=now - t0, ttft_s=now - req.arrival_time)
         out = seq.append(token, self.eos_ids)
         if not out.finished:
             out.stats = dataclasses.replace(st, itl_s=[])  # a snapshot: TTFT and its phases
@@ -185,6 +203,9 @@ class LLMEngine:
         a quality re-run)."""
         if not out.finished:
             return out
+        if self._prefilling is not None and self._prefilling[0] is seq:  # aborted or failed mid-prefill
+            self._prefilling[1].close()  # releases its chunk loader
+            self._prefilling = None
         if req_keeps_reply(seq, out, self.eos_ids):
             self._keep(lambda: self.turns.keep_reply(seq.request.token_ids, seq.output_ids, seq.cache, seq.request.salt))
         seq.cache = None  # frees the fused KV
@@ -243,30 +264,6 @@ def req_keeps_reply(seq: Sequence, out: RequestOutput, eos_ids: set[int]) -> boo
     """A conversation's reply that ended in EOS (so its rendering as a turn is known) is kept."""
     return (bool(seq.request.user_turn) and out.finish_reason == "stop" and seq.cache is not None
             and bool(seq.output_ids) and seq.output_ids[-1] in eos_ids)
-
-
-def _record_prefill(st: RequestStats, req: Request, pre: Prefilled, first_decode_s: float, ttft_s: float) -> None:
-    ps = pre.result.stats
-    st.mode = req.mode
-    st.ratio = req.spec.ratios[-1] if req.spec.ratios else None
-    st.tokens_reused = ps.num_tokens - ps.recomputed_tokens
-    st.tokens_recomputed = ps.recomputed_tokens
-    st.exact_tokens = ps.exact_tokens
-    st.chunk_tokens = ps.cached_tokens - pre.turn_tokens
-    st.turn_tokens = pre.turn_tokens
-    st.recomputed_per_layer = ps.computed_per_layer
-    st.selected_per_check_layer = {layer: len(p) for layer, p in ps.selected.items()}
-    st.chunk_hits = pre.chunk_tiers
-    st.chunk_misses = pre.chunk_misses
-    st.kv_fetch_s = pre.kv_fetch_s
-    st.chunk_compute_s = pre.chunk_compute_s
-    st.kv_load_s = pre.kv_load_s
-    st.kv_wait_s = pre.kv_wait_s
-    st.loading_hidden = pre.kv_wait_s <= 0.1 * max(pre.kv_load_s, 1e-9)
-    st.selection_s = ps.selection_s
-    st.recompute_s = ps.compute_s - ps.selection_s
-    st.first_decode_s = first_decode_s
-    st.ttft_s = ttft_s
 
 
 def _eos_ids(model: Transformer, tokenizer) -> set[int]:

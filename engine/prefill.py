@@ -87,7 +87,7 @@ class Prefiller:
     # --- prefill ----------------------------------------------------------------------------
 
     def steps(self, segments: Sequence[Segment], mode: str, spec: BlendSpec, capacity: int, remember: bool = True,
-              token_scores: Optional[torch.Tensor] = None, salt: str = "") -> Generator[None, None, Prefilled]:
+              token_scores: Optional[torch.Tensor] = None, salt: str = "") -> Generator[int, None, Prefilled]:
         """The prefill, yielding after every layer. `remember`: put the exact leading segments
         into the prefix cache now (serving does it after the first token, off the TTFT path).
         `salt`: the request's, for the prefix cache (chunk and turn keys already carry it)."""
@@ -113,7 +113,7 @@ class Prefiller:
         spans_ = [span for _, span in chunks]
         keys = [seg.chunk_key for seg, _ in chunks]
 
-        def blend(source: _ChunkSource) -> Generator[None, None, PrefillResult]:
+        def blend(source: _ChunkSource) -> Generator[int, None, PrefillResult]:
             inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, source.layer if chunks else None,
                                chunk_sensitivity=source.sensitivity, token_scores=token_scores)
             return blend_prefill_steps(self.model, inp, spec, cache)

@@ -40,7 +40,7 @@ class QualityMonitor:
         self.ratio = self.controller.ratio if self.controller else settings.recompute_ratio
         self._sample = QualitySampler(settings.quality_sample_rate, settings.seed)
         self._jobs: deque[QualityJob] = deque()
-        self._current: Optional[Generator[None, None, None]] = None
+        self._current: Optional[Generator[Optional[int], None, None]] = None
         self.on_quality: list[Callable[[QualitySample], None]] = []    # e.g. metrics
         self.on_controller: list[Callable[[str, float], None]] = []    # (decision, new ratio)
 
@@ -74,7 +74,7 @@ class QualityMonitor:
     def _greedy(self, pre: Prefilled) -> Generator[None, None, list[int]]:
         return greedy_steps(self.prefiller.model, pre.result.cache, pre.result.logits, self.compare_tokens, self.eos_ids)
 
-    def _run(self, job: QualityJob) -> Generator[None, None, None]:
+    def _run(self, job: QualityJob) -> Generator[Optional[int], None, None]:
         req = job.request
         capacity = req.num_prompt_tokens + self.compare_tokens
         full = yield from self.prefiller.steps(req.segments, "full_prefill", BlendSpec(), capacity)

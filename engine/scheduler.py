@@ -1,8 +1,9 @@
 """The one queue and admission policy: which request to prefill next, which to decode.
 
-Plain Python (no torch), so the policy is tested on its own. A step is a prefill of one
-waiting request (it joins the running batch at once) or, when none can be admitted, one
-decode step of the running batch. `add` and `abort` may be called from any thread.
+Plain Python (no torch), so the policy is tested on its own. A step may start the prefill of
+one waiting request (it joins the running batch at once, but decodes only once `prefilled`) and
+decode every running request that has its first token. One prefill is in progress at a time: the
+engine advances it between decode steps. `add` and `abort` may be called from any thread.
 
 Admission: the oldest waiting request, except that after a prefill a waiting request that
 shares chunks with it goes first (that chunk's KV is hot), skipping an older one at most
@@ -42,8 +43,8 @@ class _Waiting(Generic[S]):
 @dataclass
 class SchedulerOutput(Generic[S]):
     aborted: list[S] = field(default_factory=list)   # to finish with "abort"
-    prefill: Optional[S] = None                      # already counted as running
-    decode: list[S] = field(default_factory=list)
+    prefill: Optional[S] = None                      # a prefill to start; already counted as running
+    decode: list[S] = field(default_factory=list)    # running and prefilled
 
     @property
     def idle(self) -> bool:
@@ -60,6 +61,7 @@ class Scheduler(Generic[S]):
         self._running: list[S] = []
         self._aborted: set[str] = set()
         self._last_keys: frozenset[str] = frozenset()
+        self._prefilling: Optional[S] = None  # running, its prefill not finished
         self.accepting = True
 
     @property
@@ -87,18 +89,25 @@ class Scheduler(Generic[S]):
     def schedule(self) -> SchedulerOutput[S]:
         with self._lock:
             out: SchedulerOutput[S] = SchedulerOutput(self._take_aborted())
-            if self._waiting and len(self._running) < self.max_num_seqs:
-                out.prefill = self._pick()
+            if self._prefilling is None and self._waiting and len(self._running) < self.max_num_seqs:
+                out.prefill = self._prefilling = self._pick()
                 self._running.append(out.prefill)
-            elif self._running:
-                out.decode = list(self._running)
+            out.decode = [s for s in self._running if s is not self._prefilling]
             return out
+
+    def prefilled(self, seq: S) -> None:
+        """`seq` has its first token: it decodes from the next step, and another prefill may start."""
+        with self._lock:
+            if self._prefilling is seq:
+                self._prefilling = None
 
     def finish(self, seq: S) -> None:
         """Drop a finished (or failed) request from the running batch."""
         with self._lock:
             if seq in self._running:
                 self._running.remove(seq)
+            if self._prefilling is seq:
+                self._prefilling = None
 
     def drain(self) -> list[S]:
         """Remove and return every waiting and running request (a step failed for all of them)."""
@@ -106,6 +115,7 @@ class Scheduler(Generic[S]):
             seqs = [w.seq for w in self._waiting] + self._running
             self._waiting.clear()
             self._running = []
+            self._prefilling = None
             self._aborted.clear()
             return seqs
 
@@ -117,6 +127,8 @@ class Scheduler(Generic[S]):
         dropped += [s for s in self._running if s.request_id in ids]
         self._waiting = deque(w for w in self._waiting if w.seq.request_id not in ids)
         self._running = [s for s in self._running if s.request_id not in ids]
+        if self._prefilling is not None and self._prefilling.request_id in ids:
+            self._prefilling = None
         return dropped
 
     def _pick(self) -> S:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from engine.prefill import Prefilled
+    from engine.request import Request
 
 # status: ok | error | aborted | rejected (refused before the engine took it)
 STATUSES = ("ok", "error", "aborted", "rejected")
@@ -37,6 +41,7 @@ class RequestStats:
     selection_s: Optional[float] = None
     recompute_s: Optional[float] = None
     first_decode_s: Optional[float] = None
+    prefill_paused_s: Optional[float] = None  # TTFT spent decoding other streams between this prefill's layers
     ttft_s: Optional[float] = None
     # --- after the first token ---
     decode_s: Optional[float] = None
@@ -50,6 +55,32 @@ class RequestStats:
     def breakdown(self) -> str:
         """One line for DEBUG logs: TTFT and its phases, reuse, finish."""
         names = ("mode", "ratio", "finish_reason", "prompt_tokens", "tokens_reused", "tokens_recomputed", "chunk_hits",
-                 "queue_s", "kv_fetch_s", "selection_s", "recompute_s", "first_decode_s", "ttft_s", "e2e_s")
+                 "queue_s", "kv_fetch_s", "selection_s", "recompute_s", "first_decode_s", "prefill_paused_s", "ttft_s", "e2e_s")
         values = {n: getattr(self, n) for n in names}
         return " ".join(f"{n}={round(v, 4) if isinstance(v, float) else v}" for n, v in values.items() if v is not None)
+
+
+def record_prefill(st: RequestStats, req: "Request", pre: "Prefilled", first_decode_s: float, ttft_s: float) -> None:
+    """What a finished prefill tells about a request: its mode, tokens by source, phases, TTFT."""
+    ps = pre.result.stats
+    st.mode = req.mode
+    st.ratio = req.spec.ratios[-1] if req.spec.ratios else None
+    st.tokens_reused = ps.num_tokens - ps.recomputed_tokens
+    st.tokens_recomputed = ps.recomputed_tokens
+    st.exact_tokens = ps.exact_tokens
+    st.chunk_tokens = ps.cached_tokens - pre.turn_tokens
+    st.turn_tokens = pre.turn_tokens
+    st.recomputed_per_layer = ps.computed_per_layer
+    st.selected_per_check_layer = {layer: len(p) for layer, p in ps.selected.items()}
+    st.chunk_hits = pre.chunk_tiers
+    st.chunk_misses = pre.chunk_misses
+    st.kv_fetch_s = pre.kv_fetch_s
+    st.chunk_compute_s = pre.chunk_compute_s
+    st.kv_load_s = pre.kv_load_s
+    st.kv_wait_s = pre.kv_wait_s
+    st.loading_hidden = pre.kv_wait_s <= 0.1 * max(pre.kv_load_s, 1e-9)
+    st.selection_s = ps.selection_s
+    st.recompute_s = ps.compute_s - ps.selection_s
+    st.prefill_paused_s = ps.paused_s
+    st.first_decode_s = first_decode_s
+    st.ttft_s = ttft_s

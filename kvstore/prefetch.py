@@ -28,6 +28,9 @@ from kvstore.base import ChunkStore
 log = logging.getLogger(__name__)
 
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per key: (k [Hkv, T, D], v [Hkv, T, D])
+# The consumer waits at most this long for one layer; then the chunk being read counts as missing
+# (the engine recomputes it) instead of a request hanging on a stuck tier.
+LAYER_WAIT_S = 60.0
 
 
 @functools.cache
@@ -65,6 +68,7 @@ class LayerPrefetcher:
         self._error: Optional[ChunkMissing] = None
         self._error_layer = num_layers  # layers from here on will not arrive
         self._cond = threading.Condition()
+        self._reading = (self.keys[0] if self.keys else "", 0)  # (key, first layer) being read now
         self._stop = False
         self._closed = False
         self._pin = getattr(store, "pin", None)
@@ -77,8 +81,12 @@ class LayerPrefetcher:
         self._thread.start()
 
     def _run(self) -> None:
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            self._stream_layers()
+        try:
+            with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+                self._stream_layers()
+        except Exception:  # never leave the consumer waiting for layers that will not come
+            log.exception("loading chunk %s from layer %d failed", *self._reading)
+            self._fail(*self._reading)
 
     def _stream_layers(self) -> None:
         for start in range(0, self.num_layers, self.layers_per_fetch):
@@ -88,6 +96,7 @@ class LayerPrefetcher:
             for key in self.keys:
                 if self._stop:
                     return
+                self._reading = (key, start)
                 try:
                     kv = self._store.get(key, range(start, stop))
                 except Exception:
@@ -131,7 +140,10 @@ class LayerPrefetcher:
         t0 = time.perf_counter()
         with self._cond:
             while self._layers[l] is None and l < self._error_layer and not self._stop:
-                self._cond.wait()
+                if not self._cond.wait(timeout=max(0.0, t0 + LAYER_WAIT_S - time.perf_counter())):
+                    key, _ = self._reading
+                    log.warning("chunk %s: layer %d not loaded after %.0f s; recomputing it", key, l, LAYER_WAIT_S)
+                    self._error, self._error_layer, self._stop = ChunkMissing(key), l, True
             self.wait_seconds[l] += time.perf_counter() - t0
             result = self._layers[l]
             if result is None:
@@ -163,7 +175,7 @@ class LayerPrefetcher:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join()
+        self._thread.join(timeout=LAYER_WAIT_S)  # a read stuck past that stays behind (a daemon thread)
         if self._unpin is not None:
             self._unpin(self.keys)
 

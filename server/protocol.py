@@ -143,6 +143,14 @@ class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: Annotated[Optional[str], BeforeValidator(_message_text)] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[Any]] = None  # an assistant turn that called tools: refused, never dropped
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _no_tool_calls(cls, value: Optional[list[Any]]) -> Optional[list[Any]]:
+        if value:
+            raise ValueError("tool calling is not supported")
+        return value
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -152,6 +160,8 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None      # refused by the serving class, never silently ignored
     tool_choice: Optional[Any] = None
+    functions: Optional[list[Any]] = None  # the deprecated form of tools: refused the same way
+    function_call: Optional[Any] = None
 
 
 class CompletionRequest(SamplingRequest):

@@ -27,8 +27,9 @@ class OpenAIServingChat(OpenAIServing):
         self.check_common(body)
         if body.logprobs or body.top_logprobs:
             raise APIError("logprobs are not supported", 400, "logprobs")
-        if body.tools or body.tool_choice not in (None, "none"):
-            raise APIError("tool calling is not supported", 400, "tools" if body.tools else "tool_choice")
+        for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+            if getattr(body, tools) or getattr(body, choice) not in (None, "none"):
+                raise APIError("tool calling is not supported", 400, tools if getattr(body, tools) else choice)
         salt = request_salt(tenant, body.cache_salt)
         chunks = await self.chunks.resolve(body.chunks, tenant, salt)
         # "developer" is the newer name of "system"; chat templates know only the latter.

@@ -44,6 +44,27 @@ def test_requests_join_a_running_batch(engine):
     assert got["b"] == alone_b
 
 
+def test_a_stream_keeps_decoding_while_another_request_prefills(engine, monkeypatch):
+    """Between the layers of a prefill the running streams get their next token (a step's budget
+    of computed tokens, here one layer a step); every answer equals the one it gets alone."""
+    monkeypatch.setattr(engine, "settings", engine.settings.model_copy(update={"max_num_batched_tokens": 1}))
+    a = engine.make_request("a", segments(engine), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    b = engine.make_request("b", segments(engine, "What is Dijon famous for?"), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                            BlendParams(mode="cacheblend"))
+    alone = {r.request_id: run(engine, r)[r.request_id]["token_ids"] for r in (a, b)}
+    engine.add_request(a)
+    first = engine.step()
+    assert [o.request_id for o in first] == ["a"]  # nobody decoding: the prefill runs to its end
+    engine.add_request(b)
+    got, a_during_b = {"a": list(first[0].token_ids), "b": []}, 0
+    while engine.has_work():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+            a_during_b += out.request_id == "a" and not got["b"]
+    assert a_during_b == engine.model.cfg.num_layers + 1  # beside each layer of b's prefill, and its logits
+    assert got == alone
+
+
 def test_max_tokens_finishes_with_length(engine):
     r = engine.make_request("len", segments(engine), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     out = run(engine, r)["len"]

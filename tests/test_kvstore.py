@@ -1024,6 +1024,40 @@ def test_layer_prefetcher_matches_direct_get(tmp_path: Path, layers_per_fetch: i
             assert set(pf.tiers) == set(keys) and set(pf.tiers.values()) <= {"cpu", "disk"}
 
 
+class _ShortReads:
+    """A store whose reads come back without layers (the loader thread's own code then fails)."""
+
+    def __init__(self, store, delay_s: float = 0.0) -> None:
+        self.store, self.delay_s = store, delay_s
+
+    def get(self, key, layers=None):
+        time.sleep(self.delay_s)
+        kv = self.store.get(key, layers)
+        return ChunkKV(kv.keys[:0], kv.values[:0], kv.first_layer, kv.tier)
+
+
+def test_layer_prefetcher_reports_a_dead_loader_instead_of_hanging(tmp_path: Path) -> None:
+    with make_store(tmp_path) as s:
+        s.put(key_of(0), make_kv(0))
+        with LayerPrefetcher(_ShortReads(s), [key_of(0)], L) as pf:
+            with pytest.raises(ChunkMissing) as err:
+                pf.layer(0)
+            assert err.value.key == key_of(0)
+
+
+def test_layer_prefetcher_gives_up_on_a_stuck_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvstore import prefetch
+
+    monkeypatch.setattr(prefetch, "LAYER_WAIT_S", 0.2)
+    with make_store(tmp_path) as s:
+        s.put(key_of(0), make_kv(0))
+        t0 = time.perf_counter()
+        with LayerPrefetcher(_ShortReads(s, delay_s=2.0), [key_of(0)], L) as pf:
+            with pytest.raises(ChunkMissing):
+                pf.layer(0)
+        assert time.perf_counter() - t0 < 1.5  # neither the wait nor close() sat out the 2 s read
+
+
 def test_layer_prefetcher_missing_chunk(tmp_path: Path) -> None:
     with make_store(tmp_path, cpu=0) as s:
         s.put(key_of(0), make_kv(0))

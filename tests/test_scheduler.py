@@ -53,11 +53,31 @@ def test_prefill_until_the_batch_is_full_then_decode():
     for it in (a, b, c):
         s.add(it)
     assert s.schedule().prefill is a
-    assert s.schedule().prefill is b
+    s.prefilled(a)
+    out = s.schedule()
+    assert out.prefill is b and out.decode == [a]
+    s.prefilled(b)
     out = s.schedule()
     assert out.prefill is None and out.decode == [a, b] and s.num_waiting == 1
     s.finish(a)
     assert s.schedule().prefill is c and s.num_running == 2
+
+
+def test_streams_decode_while_one_prefill_is_in_progress():
+    s: Scheduler[Item] = Scheduler(max_num_seqs=4, max_queue=16)
+    a, b, c = item("a"), item("b"), item("c")
+    s.add(a)
+    assert s.schedule().prefill is a
+    s.prefilled(a)
+    s.add(b)
+    s.add(c)
+    out = s.schedule()
+    assert out.prefill is b and out.decode == [a]  # a keeps decoding beside b's prefill
+    out = s.schedule()
+    assert out.prefill is None and out.decode == [a] and s.num_waiting == 1  # one prefill at a time
+    s.abort("b")  # an aborted prefill lets the next one start
+    out = s.schedule()
+    assert out.aborted == [b] and out.prefill is c and out.decode == [a]
 
 
 def test_queue_bound_and_closing():
