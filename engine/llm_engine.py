@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Generator, Optional, Sequence as Seq
+from typing import Optional, Sequence as Seq
 
 import torch
 
@@ -66,7 +66,6 @@ class LLMEngine:
         self.turns = TurnKeeper(model, tokenizer, self.store, self.prefiller.turn_key) if settings.turn_reuse else None
         self.quality = QualityMonitor(settings, self.prefiller, self.eos_ids)
         self.scheduler: Scheduler[Sequence] = Scheduler(settings.max_num_seqs, settings.max_queue)
-        self._prefilling: Optional[tuple[Sequence, Generator[int, None, Prefilled]]] = None  # the prefill in progress
 
     @property
     def recompute_ratio(self) -> float:
@@ -127,16 +126,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         outputs = [self._finish(seq, "abort") for seq in sched.aborted]
-        if sched.prefill is not None:
-            self._start_prefill(sched.prefill)
         if sched.decode:
             outputs += self._decode(sched.decode)
-        if self._prefilling is not None:
+        if sched.prefill is not None:
             budget = max(1, self.settings.max_num_batched_tokens - len(sched.decode)) if sched.decode else None
-            out = self._advance_prefill(budget)
+            out = self._advance_prefill(sched.prefill, budget)
             if out is not None:
                 outputs.append(out)
-        elif not sched.decode and self.quality.has_work():
+        elif sched.idle and self.quality.has_work():
             self.quality.step()
         return outputs
 
@@ -146,23 +143,19 @@ class LLMEngine:
 
     # --- prefill, decode, finish ------------------------------------------------------------
 
-    def _start_prefill(self, seq: Sequence) -> None:
-        req = seq.request
-        seq.stats.queue_s = time.perf_counter() - req.arrival_time
-        steps = self.prefiller.steps(req.segments, req.mode, req.spec, req.num_prompt_tokens + req.sampling.max_tokens,
-                                     remember=False, salt=req.salt)
-        self._prefilling = (seq, steps)
-
-    def _advance_prefill(self, budget: Optional[int]) -> Optional[RequestOutput]:
-        """Run the prefill in progress for `budget` computed tokens (None: to its end); its first
-        token's output once it ends."""
-        seq, steps = self._prefilling
+    def _advance_prefill(self, seq: Sequence, budget: Optional[int]) -> Optional[RequestOutput]:
+        """Run `seq`'s prefill (started on its first call) for `budget` computed tokens (None: to
+        its end); its first token's output once it ends."""
         req, st = seq.request, seq.stats
+        if seq.prefill is None:
+            st.queue_s = time.perf_counter() - req.arrival_time
+            seq.prefill = self.prefiller.steps(req.segments, req.mode, req.spec,
+                                               req.num_prompt_tokens + req.sampling.max_tokens, remember=False, salt=req.salt)
         try:
-            pre = run_to_end(steps) if budget is None else run_for(steps, budget)
+            pre = run_to_end(seq.prefill) if budget is None else run_for(seq.prefill, budget)
             if pre is None:
                 return None  # the streams decode, then it goes on
-            self._prefilling = None
+            seq.prefill = None
             t0 = time.perf_counter()
             token = seq.sampler(pre.result.logits)
         except Exception as e:  # one bad request must never take the engine (or other requests) down
@@ -203,9 +196,9 @@ class LLMEngine:
         a quality re-run)."""
         if not out.finished:
             return out
-        if self._prefilling is not None and self._prefilling[0] is seq:  # aborted or failed mid-prefill
-            self._prefilling[1].close()  # releases its chunk loader
-            self._prefilling = None
+        if seq.prefill is not None:  # aborted or failed mid-prefill
+            seq.prefill.close()  # releases its chunk loader
+            seq.prefill = None
         if req_keeps_reply(seq, out, self.eos_ids):
             self._keep(lambda: self.turns.keep_reply(seq.request.token_ids, seq.output_ids, seq.cache, seq.request.salt))
         seq.cache = None  # frees the fused KV

@@ -43,7 +43,7 @@ class _Waiting(Generic[S]):
 @dataclass
 class SchedulerOutput(Generic[S]):
     aborted: list[S] = field(default_factory=list)   # to finish with "abort"
-    prefill: Optional[S] = None                      # a prefill to start; already counted as running
+    prefill: Optional[S] = None                      # the prefill in progress (started now or earlier); running
     decode: list[S] = field(default_factory=list)    # running and prefilled
 
     @property
@@ -90,8 +90,9 @@ class Scheduler(Generic[S]):
         with self._lock:
             out: SchedulerOutput[S] = SchedulerOutput(self._take_aborted())
             if self._prefilling is None and self._waiting and len(self._running) < self.max_num_seqs:
-                out.prefill = self._prefilling = self._pick()
-                self._running.append(out.prefill)
+                self._prefilling = self._pick()
+                self._running.append(self._prefilling)
+            out.prefill = self._prefilling
             out.decode = [s for s in self._running if s is not self._prefilling]
             return out
 

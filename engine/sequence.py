@@ -1,4 +1,4 @@
-"""A request in flight: its sampler, detokenizer, fused cache, tokens and stats.
+"""A request in flight: its sampler, detokenizer, prefill in progress, fused cache, tokens and stats.
 
 `append` takes one sampled token and applies the stop rules (EOS, stop token IDs, stop
 strings, max_tokens); `finish` closes the record. Both return the RequestOutput to send.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Collection, Optional
+from typing import TYPE_CHECKING, Collection, Generator, Optional
 
 import torch
 
@@ -18,6 +18,9 @@ from engine.request import Request, RequestOutput
 from engine.sampling import Sampler
 from engine.stats import RequestStats
 
+if TYPE_CHECKING:
+    from engine.prefill import Prefilled
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -25,6 +28,7 @@ class Sequence:
     sampler: Sampler
     detok: Detokenizer
     stats: RequestStats
+    prefill: Optional["Generator[int, None, Prefilled]"] = None  # its prefill, while in progress
     cache: Optional[KVCache] = None
     output_ids: list[int] = field(default_factory=list)
     first_token_time: float = 0.0

@@ -74,7 +74,7 @@ def test_streams_decode_while_one_prefill_is_in_progress():
     out = s.schedule()
     assert out.prefill is b and out.decode == [a]  # a keeps decoding beside b's prefill
     out = s.schedule()
-    assert out.prefill is None and out.decode == [a] and s.num_waiting == 1  # one prefill at a time
+    assert out.prefill is b and out.decode == [a] and s.num_waiting == 1  # b's prefill goes on; one at a time
     s.abort("b")  # an aborted prefill lets the next one start
     out = s.schedule()
     assert out.aborted == [b] and out.prefill is c and out.decode == [a]
