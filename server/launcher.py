@@ -61,10 +61,16 @@ def serve_subprocess(log_path: Path, flags: Sequence[str] = (), env: Optional[Ma
         yield base_url
 
 
+CACHEBLEND_SERVE = ("-m", "cacheblend.cli", "serve")
+VLLM_SERVE = ("-m", "vllm.entrypoints.openai.api_server")  # the wheel's `vllm` command fails on its metadata
+
+
 @contextlib.contextmanager
 def serve_process(log_path: Path, flags: Sequence[str] = (), env: Optional[Mapping[str, str]] = None,
-                  startup_timeout_s: float = 180.0, stop_timeout_s: float = 30.0) -> Iterator[tuple[str, subprocess.Popen]]:
-    """Start `cacheblend serve` on a free loopback port with `flags` and environment `env`
+                  startup_timeout_s: float = 180.0, stop_timeout_s: float = 30.0,
+                  program: Sequence[str] = CACHEBLEND_SERVE) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start `cacheblend serve` (or another `program` with --host/--port flags and a /health
+    route: vLLM's server) on a free loopback port with `flags` and environment `env`
     (replacing the inherited one), wait until /health answers 200, yield the base URL and the
     process (to send it signals).
 
@@ -73,7 +79,7 @@ def serve_process(log_path: Path, flags: Sequence[str] = (), env: Optional[Mappi
     shutdown) raises RuntimeError with the end of the server's log (written to `log_path`).
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "cacheblend.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *flags]
+    cmd = [sys.executable, *program, "--host", "127.0.0.1", "--port", str(port), *flags]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=dict(env if env is not None else os.environ), stdout=log,
                                 stderr=subprocess.STDOUT)

@@ -1,0 +1,96 @@
+"""The blend inside a vLLM worker: a request's prompt and chunk spans in, its fused KV out.
+
+The same `Prefiller` as the native engine (chunk keys, the tiered KV store, precompute on a miss,
+HKVD selection), on vLLM's loaded layers (`engine/vllm_model.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from config.settings import Settings
+from engine.blend import KVCache, PrefillStats, run_to_end
+from engine.chunks import Precompute
+from engine.prefill import BLEND_MODES, Prefiller
+from engine.prefix_cache import PrefixCache
+from engine.request import BlendParams, RequestError
+from engine.resolve import resolve_blend
+from engine.segments import Segment
+from engine.vllm_model import VllmTransformer
+from kvstore import build_store
+
+
+@dataclass(frozen=True)
+class BlendRequest:
+    """What a request's `kv_transfer_params["cacheblend"]` asks for, checked against its prompt."""
+    chunks: tuple[tuple[int, int], ...]              # [start, end) token spans whose KV is reused
+    params: BlendParams = field(default_factory=BlendParams)
+    salt: str = ""                                   # isolates its chunk keys (a tenant's, or the request's cache_salt)
+
+    @property
+    def end(self) -> int:
+        """The blend covers the prompt up to its last chunk; vLLM computes the rest over the
+        blended KV, exactly as the blend would (chunk tokens never attend to later tokens)."""
+        return self.chunks[-1][1]
+
+    @classmethod
+    def parse(cls, raw: object, num_prompt_tokens: int, salt: str = "") -> Optional["BlendRequest"]:
+        """None when `raw` asks for no blend; RequestError naming the field at fault."""
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise RequestError("kv_transfer_params.cacheblend must be an object", "kv_transfer_params.cacheblend")
+        unknown = set(raw) - {"chunks", *BlendParams.__dataclass_fields__}
+        if unknown:
+            raise RequestError(f"unknown field(s) {sorted(unknown)}", "kv_transfer_params.cacheblend")
+        spans = raw.get("chunks") or []
+        if not isinstance(spans, list) or not all(
+                isinstance(s, (list, tuple)) and len(s) == 2 and all(type(x) is int for x in s) for s in spans):
+            raise RequestError("chunks must be a list of [start, end) token positions", "kv_transfer_params.cacheblend.chunks")
+        prev_end = 0
+        for s, e in spans:
+            if not prev_end <= s < e < num_prompt_tokens:
+                raise RequestError(f"chunk span [{s}, {e}) must be non-empty, in order, not overlapping and before "
+                                   f"the last token of the {num_prompt_tokens}-token prompt",
+                                   "kv_transfer_params.cacheblend.chunks")
+            prev_end = e
+        params = BlendParams(**{k: v for k, v in raw.items() if k != "chunks"})
+        if params.mode is not None and params.mode not in BLEND_MODES:
+            raise RequestError(f"mode must be one of {', '.join(BLEND_MODES)} here (without a blend, send no "
+                               f"cacheblend field)", "kv_transfer_params.cacheblend.mode")
+        return cls(tuple((s, e) for s, e in spans), params, salt) if spans else None
+
+
+class VllmBlender:
+    def __init__(self, settings: Settings, vllm_model, hf_config, model_dir: Path):
+        from transformers import AutoTokenizer
+
+        self.settings = settings
+        self.model = VllmTransformer(vllm_model, hf_config, model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.store = build_store(settings, self.model.device)
+        precompute = Precompute.for_settings(tokenizer, settings.chunk_context, settings.chat_preamble,
+                                             with_probe=settings.selection_signal == "sensitivity")
+        # no prefix cache or turn reuse of our own: vLLM's prefix cache keeps exact prefixes
+        self.prefiller = Prefiller(self.model, tokenizer, self.store, precompute, PrefixCache(0),
+                                   settings.recompute_chunk_head, reuse_turns=False)
+
+    def blend(self, token_ids: Sequence[int], request: BlendRequest) -> tuple[KVCache, PrefillStats]:
+        """The prompt's fused KV ([L, Hkv, N, D], post-RoPE K) and how it was made."""
+        segments = self.segments(token_ids, request)
+        mode, spec = resolve_blend(request.params, self.settings, self.model.cfg.num_layers, self.settings.recompute_ratio)
+        pre = run_to_end(self.prefiller.steps(segments, mode, spec, len(token_ids), remember=False))
+        return pre.result.cache, pre.result.stats
+
+    def segments(self, token_ids: Sequence[int], request: BlendRequest) -> list[Segment]:
+        out, pos = [], 0
+        for s, e in request.chunks:
+            if s > pos:
+                out.append(Segment("prefix", tuple(token_ids[pos:s])))
+            out.append(self.prefiller.chunk_segment(token_ids[s:e], request.salt))
+            pos = e
+        if pos < len(token_ids):
+            out.append(Segment("suffix", tuple(token_ids[pos:])))
+        return out

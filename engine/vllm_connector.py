@@ -1,0 +1,203 @@
+"""CacheBlend inside vLLM V1, as an out-of-tree KV connector (no patch to vLLM).
+
+    --kv-transfer-config '{"kv_connector": "CacheBlendConnector",
+                           "kv_connector_module_path": "engine.vllm_connector",
+                           "kv_role": "kv_both", "kv_connector_extra_config": {<cacheblend settings>}}'
+
+A request asks for a blend with `kv_transfer_params={"cacheblend": {"chunks": [[start, end), ...],
+<optional BlendParams: mode, recompute_ratio, ...>}}` (token positions in its prompt).
+
+Scheduler side: such a request's blocks are salted with its blend (its KV is approximate and
+must never be an exact prefix hit for another request; an identical blend may share them), and
+the prompt up to the end of its last chunk is reported as provided by the connector. Worker
+side, before the forward that schedules it: the blend of that span runs on vLLM's own layers and
+its KV is written into vLLM's paged cache at the request's slots by the attention backend's own
+writer; vLLM then computes the rest of the prompt (the question) over it, with its own kernels,
+and decodes as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                                KVConnectorRole)
+
+from config.settings import Settings
+from engine.request import RequestError
+from engine.resolve import resolve_blend
+from engine.vllm_blend import BlendRequest, VllmBlender
+from engine.vllm_plugin import loaded_model
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("vllm.cacheblend")  # under vLLM's logger: its handlers and format
+
+# Attention implementations whose `do_kv_cache_update` writes this project's [tokens, Hkv, D]
+# K and V (post-RoPE, model dtype) into their own paged layout
+SUPPORTED_ATTENTION = ("CPUAttentionBackendImpl", "FlashAttentionImpl")
+PARAMS_KEY = "cacheblend"
+
+
+@dataclass
+class BlendLoad:
+    request_id: str
+    token_ids: list[int]
+    request: BlendRequest
+    start: int                # first position to write (before it: vLLM's own prefix-cache hit)
+    end: int                  # positions [start, end) are written; vLLM computes from `end` on
+    block_ids: list[int]
+
+
+@dataclass
+class CacheBlendMetadata(KVConnectorMetadata):
+    loads: list[BlendLoad] = field(default_factory=list)
+
+
+class CacheBlendConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self.block_size = vllm_config.cache_config.block_size
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.settings = Settings(**extra)
+        self._num_layers = vllm_config.model_config.hf_config.num_hidden_layers
+        # scheduler side
+        self._requests: dict[str, BlendRequest] = {}     # request id -> its blend
+        self._start: dict[str, int] = {}                 # request id -> vLLM's own hit when matched
+        self._to_load: dict[str, "Request"] = {}         # allocated this step, loaded by the next forward
+        # worker side
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layer_of: dict[str, int] = {}
+        self._blender: Optional[VllmBlender] = None
+        self._failed_blocks: set[int] = set()
+
+    # --- scheduler side ---------------------------------------------------------------------
+
+    def on_new_request(self, request: "Request") -> None:
+        params = request.kv_transfer_params or {}
+        try:
+            blend = BlendRequest.parse(params.get(PARAMS_KEY), request.num_prompt_tokens, request.cache_salt or "")
+            if blend is not None:  # its ratios and layers, checked here rather than fail in the worker
+                resolve_blend(blend.params, self.settings, self._num_layers, self.settings.recompute_ratio)
+        except RequestError as e:
+            # the scheduler cannot refuse a request: it is served by a full prefill, loudly
+            log.warning("request %s: not blended: %s: %s", request.request_id, e.param, e)
+            return
+        if blend is None:
+            return
+        self._requests[request.request_id] = blend
+        # a blended block is approximate: salt the request's block hashes with its blend, so that
+        # only the same blend of the same prompt can ever hit them
+        digest = hashlib.sha256(json.dumps([blend.chunks, vars(blend.params)], default=str).encode()).hexdigest()[:16]
+        request.cache_salt = f"{request.cache_salt or ''}|cacheblend:{digest}"
+        request.block_hashes.clear()
+        request.update_block_hashes()
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        if request.request_id not in self._requests:
+            return 0, False
+        self._start[request.request_id] = num_computed_tokens
+        return max(0, self._requests[request.request_id].end - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
+        if num_external_tokens > 0:
+            self._to_load[request.request_id] = request
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = CacheBlendMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in self._to_load:
+                meta.loads.append(self._load(self._to_load[new.req_id], new.block_ids[0]))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):  # resumed after preemption: its blocks are new
+            if req_id in self._to_load and req_id in cached.resumed_req_ids and cached.new_block_ids[i] is not None:
+                meta.loads.append(self._load(self._to_load[req_id], cached.new_block_ids[i][0]))
+        self._to_load.clear()
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        self._requests.pop(request.request_id, None)
+        self._start.pop(request.request_id, None)
+        self._to_load.pop(request.request_id, None)
+        return False, None
+
+    def _load(self, request: "Request", block_ids: list[int]) -> BlendLoad:
+        rid = request.request_id
+        blend = self._requests[rid]
+        return BlendLoad(rid, list(request.prompt_token_ids[:blend.end]), blend, self._start.get(rid, 0), blend.end,
+                         list(block_ids))
+
+    # --- worker side ------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        parallel = self._vllm_config.parallel_config
+        if parallel.tensor_parallel_size * parallel.pipeline_parallel_size != 1:
+            raise RuntimeError("CacheBlendConnector: the blend runs the whole model in one worker; tensor and "
+                               "pipeline parallelism are not supported yet (set both sizes to 1)")
+        layers = self._vllm_config.compilation_config.static_forward_context
+        for name, cache in kv_caches.items():
+            impl = type(layers[name].impl).__name__
+            if impl not in SUPPORTED_ATTENTION:
+                raise RuntimeError(f"CacheBlendConnector: attention implementation {impl} (layer {name}) is not "
+                                   f"supported; its KV layout is unknown to the blend (supported: "
+                                   f"{', '.join(SUPPORTED_ATTENTION)})")
+            self._layer_of[name] = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        self._kv_caches = kv_caches
+        model = loaded_model()
+        if model is None:
+            raise RuntimeError("CacheBlendConnector: the model vLLM loaded is not tracked: the `cacheblend` vLLM plugin "
+                               "must be installed and enabled (pip install this project; VLLM_PLUGINS, if set, must "
+                               "name `cacheblend`), and the model must be a Llama-architecture one")
+        mc = self._vllm_config.model_config
+        self._blender = VllmBlender(self.settings, model, mc.hf_config, Path(mc.model))
+        log.info("CacheBlendConnector: blending on vLLM's layers (%s, %s, %d layers), chunk KV in %s",
+                 self._blender.model.dtype, impl, len(kv_caches), ", ".join(self._blender.store.stats()))
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, CacheBlendMetadata)
+        for load in meta.loads:
+            try:
+                self._blend_into_pages(load, forward_context.no_compile_layers)
+            except Exception:  # a failed blend must not take the engine down: vLLM recomputes or fails the request
+                log.exception("request %s: blend failed; reporting its blocks as not loaded", load.request_id)
+                self._failed_blocks.update(load.block_ids)
+
+    def _blend_into_pages(self, load: BlendLoad, attention_layers: dict) -> None:
+        t0 = time.perf_counter()
+        cache, stats = self._blender.blend(load.token_ids, load.request)
+        t1 = time.perf_counter()
+        s, e = load.start, load.end
+        pos = torch.arange(s, e)
+        blocks = torch.tensor(load.block_ids)
+        slots = (blocks[pos // self.block_size] * self.block_size + pos % self.block_size).to(cache.k.device)
+        for name, kv_cache in self._kv_caches.items():
+            layer, attn = self._layer_of[name], attention_layers[name]
+            k = cache.k[layer, :, s:e].transpose(0, 1).contiguous()  # [e - s, Hkv, D]
+            v = cache.v[layer, :, s:e].transpose(0, 1).contiguous()
+            attn.impl.do_kv_cache_update(attn, k, v, kv_cache, slots)
+        log.debug("request %s: blended %d tokens (%d recomputed) in %.3fs, wrote [%d, %d) into vLLM's pages in %.3fs",
+                  load.request_id, stats.num_tokens, stats.recomputed_tokens, t1 - t0, s, e, time.perf_counter() - t1)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # the blend completes in start_load_kv
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        return  # chunk KV is stored when a chunk is first computed, never cut from a request
+
+    def wait_for_save(self) -> None:
+        return
