@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Generator, Optional, Sequence
 
 from config.settings import Settings
-from engine.blend import KVCache, PrefillStats, run_to_end
+from engine.blend import KVCache, PrefillStats
 from engine.chunks import Precompute
 from engine.prefill import BLEND_MODES, Prefiller
 from engine.prefix_cache import PrefixCache
@@ -77,11 +77,13 @@ class VllmBlender:
         self.prefiller = Prefiller(self.model, tokenizer, self.store, precompute, PrefixCache(0),
                                    settings.recompute_chunk_head, reuse_turns=False)
 
-    def blend(self, token_ids: Sequence[int], request: BlendRequest) -> tuple[KVCache, PrefillStats]:
-        """The prompt's fused KV ([L, Hkv, N, D], post-RoPE K) and how it was made."""
+    def blend_steps(self, token_ids: Sequence[int], request: BlendRequest) -> Generator[int, None, tuple[KVCache, PrefillStats]]:
+        """The blend, yielding after every layer the tokens it computed there (so that vLLM can
+        run forward steps for other requests in between); returns the prompt's fused KV
+        ([L, Hkv, N, D], post-RoPE K) and how it was made."""
         segments = self.segments(token_ids, request)
         mode, spec = resolve_blend(request.params, self.settings, self.model.cfg.num_layers, self.settings.recompute_ratio)
-        pre = run_to_end(self.prefiller.steps(segments, mode, spec, len(token_ids), remember=False))
+        pre = yield from self.prefiller.steps(segments, mode, spec, len(token_ids), remember=False)
         return pre.result.cache, pre.result.stats
 
     def segments(self, token_ids: Sequence[int], request: BlendRequest) -> list[Segment]:

@@ -9,11 +9,13 @@ A request asks for a blend with `kv_transfer_params={"cacheblend": {"chunks": [[
 
 Scheduler side: such a request's blocks are salted with its blend (its KV is approximate and
 must never be an exact prefix hit for another request; an identical blend may share them), and
-the prompt up to the end of its last chunk is reported as provided by the connector. Worker
-side, before the forward that schedules it: the blend of that span runs on vLLM's own layers and
-its KV is written into vLLM's paged cache at the request's slots by the attention backend's own
-writer; vLLM then computes the rest of the prompt (the question) over it, with its own kernels,
-and decodes as usual.
+the prompt up to the end of its last chunk is reported as provided by the connector, loaded
+asynchronously: the request waits while others run. Worker side: the blend of that span runs on
+vLLM's own layers, a few layers per engine step (`max_num_batched_tokens` computed tokens, as in
+the native engine), between vLLM's forward passes, so running streams keep decoding; when it
+ends, its KV is written into vLLM's paged cache at the request's slots by the attention
+backend's own writer and the request is reported loaded. vLLM then computes the rest of the
+prompt (the question) over it, with its own kernels, and decodes as usual.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Generator, Optional
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                                KVConnectorRole)
+                                                                KVConnectorRole, KVConnectorTransferResults)
 
 from config.settings import Settings
+from engine.blend import KVCache, PrefillStats
 from engine.request import RequestError
 from engine.resolve import resolve_blend
 from engine.vllm_blend import BlendRequest, VllmBlender
@@ -74,12 +77,15 @@ class CacheBlendConnector(KVConnectorBase_V1):
         # scheduler side
         self._requests: dict[str, BlendRequest] = {}     # request id -> its blend
         self._start: dict[str, int] = {}                 # request id -> vLLM's own hit when matched
-        self._to_load: dict[str, "Request"] = {}         # allocated this step, loaded by the next forward
+        self._to_load: dict[str, BlendLoad] = {}         # allocated since the last step: the worker starts them
         # worker side
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_of: dict[str, int] = {}
+        self._attention: dict[str, Any] = {}             # layer name -> vLLM's attention module
         self._blender: Optional[VllmBlender] = None
-        self._failed_blocks: set[int] = set()
+        self._blends: dict[str, tuple[BlendLoad, Generator]] = {}  # request id -> its blend in progress
+        self._loaded: set[str] = set()                   # blends done since the last report
+        self._failed: set[str] = set()
 
     # --- scheduler side ---------------------------------------------------------------------
 
@@ -107,31 +113,28 @@ class CacheBlendConnector(KVConnectorBase_V1):
         if request.request_id not in self._requests:
             return 0, False
         self._start[request.request_id] = num_computed_tokens
-        return max(0, self._requests[request.request_id].end - num_computed_tokens), False
+        tokens = max(0, self._requests[request.request_id].end - num_computed_tokens)
+        return tokens, tokens > 0
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
+        # called again, with 0, when the request's other blocks are allocated after the load
         if num_external_tokens > 0:
-            self._to_load[request.request_id] = request
+            self._to_load[request.request_id] = self._load(request, blocks.get_block_ids()[0])
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = CacheBlendMetadata()
-        for new in scheduler_output.scheduled_new_reqs:
-            if new.req_id in self._to_load:
-                meta.loads.append(self._load(self._to_load[new.req_id], new.block_ids[0]))
-        cached = scheduler_output.scheduled_cached_reqs
-        for i, req_id in enumerate(cached.req_ids):  # resumed after preemption: its blocks are new
-            if req_id in self._to_load and req_id in cached.resumed_req_ids and cached.new_block_ids[i] is not None:
-                meta.loads.append(self._load(self._to_load[req_id], cached.new_block_ids[i][0]))
+        meta = CacheBlendMetadata(list(self._to_load.values()))
         self._to_load.clear()
         return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        # a load already allocated still goes to the worker: vLLM frees the blocks of a request
+        # that waits on KV only once the worker reports that load finished (it stops it at once)
         self._requests.pop(request.request_id, None)
         self._start.pop(request.request_id, None)
-        self._to_load.pop(request.request_id, None)
         return False, None
 
     def _load(self, request: "Request", block_ids: list[int]) -> BlendLoad:
+        """What the worker needs for a request's blend: its prompt up to the last chunk and its slots."""
         rid = request.request_id
         blend = self._requests[rid]
         return BlendLoad(rid, list(request.prompt_token_ids[:blend.end]), blend, self._start.get(rid, 0), blend.end,
@@ -153,6 +156,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
                                    f"{', '.join(SUPPORTED_ATTENTION)})")
             self._layer_of[name] = int(re.search(r"layers\.(\d+)\.", name).group(1))
         self._kv_caches = kv_caches
+        self._attention = {name: layers[name] for name in kv_caches}
         model = loaded_model()
         if model is None:
             raise RuntimeError("CacheBlendConnector: the model vLLM loaded is not tracked: the `cacheblend` vLLM plugin "
@@ -164,37 +168,59 @@ class CacheBlendConnector(KVConnectorBase_V1):
                  self._blender.model.dtype, impl, len(kv_caches), ", ".join(self._blender.store.stats()))
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        """Start this step's new blends, then advance the blends in progress by this step's
+        budget of computed tokens (every engine step calls this, with or without a forward)."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, CacheBlendMetadata)
         for load in meta.loads:
+            self._blends[load.request_id] = (load, self._blender.blend_steps(load.token_ids, load.request))
+        budget = self.settings.max_num_batched_tokens
+        for rid, (load, steps) in list(self._blends.items()):
+            if budget <= 0:
+                break
             try:
-                self._blend_into_pages(load, forward_context.no_compile_layers)
+                spent, done = 0, None
+                while spent < budget and done is None:
+                    try:
+                        spent += next(steps)
+                    except StopIteration as end:
+                        done = end.value
+                budget -= spent
+                if done is not None:
+                    self._write_pages(load, *done)
             except Exception:  # a failed blend must not take the engine down: vLLM recomputes or fails the request
-                log.exception("request %s: blend failed; reporting its blocks as not loaded", load.request_id)
-                self._failed_blocks.update(load.block_ids)
+                log.exception("request %s: blend failed; reporting its load as failed", rid)
+                self._failed.add(rid)
+                done = True
+            if done is not None:
+                del self._blends[rid]
+                self._loaded.add(rid)
 
-    def _blend_into_pages(self, load: BlendLoad, attention_layers: dict) -> None:
+    def _write_pages(self, load: BlendLoad, cache: KVCache, stats: PrefillStats) -> None:
         t0 = time.perf_counter()
-        cache, stats = self._blender.blend(load.token_ids, load.request)
-        t1 = time.perf_counter()
         s, e = load.start, load.end
         pos = torch.arange(s, e)
         blocks = torch.tensor(load.block_ids)
         slots = (blocks[pos // self.block_size] * self.block_size + pos % self.block_size).to(cache.k.device)
         for name, kv_cache in self._kv_caches.items():
-            layer, attn = self._layer_of[name], attention_layers[name]
+            layer, attn = self._layer_of[name], self._attention[name]
             k = cache.k[layer, :, s:e].transpose(0, 1).contiguous()  # [e - s, Hkv, D]
             v = cache.v[layer, :, s:e].transpose(0, 1).contiguous()
             attn.impl.do_kv_cache_update(attn, k, v, kv_cache, slots)
-        log.debug("request %s: blended %d tokens (%d recomputed) in %.3fs, wrote [%d, %d) into vLLM's pages in %.3fs",
-                  load.request_id, stats.num_tokens, stats.recomputed_tokens, t1 - t0, s, e, time.perf_counter() - t1)
+        log.debug("request %s: blended %d tokens (%d recomputed, %.3fs computing), wrote [%d, %d) into vLLM's pages "
+                  "in %.3fs", load.request_id, stats.num_tokens, stats.recomputed_tokens, stats.compute_s, s, e,
+                  time.perf_counter() - t0)
 
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        failed, self._failed_blocks = self._failed_blocks, set()
-        return failed
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        for rid in finished_req_ids & self._blends.keys():  # aborted mid-blend: stop it, release its blocks
+            self._blends.pop(rid)[1].close()
+            self._loaded.add(rid)
+        loaded, failed = self._loaded, self._failed
+        self._loaded, self._failed = set(), set()
+        return KVConnectorTransferResults(finished_recving=loaded, failed_recving=failed)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # the blend completes in start_load_kv
+        return  # a request's forward runs only after its blend is written
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
         return  # chunk KV is stored when a chunk is first computed, never cut from a request

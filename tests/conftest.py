@@ -80,14 +80,14 @@ def tiny_hf_model(kind: str, rope_scaling: dict | None = None, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def rag(engine):
-    """[(token IDs, chunk spans, segments)] of dev questions 0-3 with 3 passages each, for the
+    """[(token IDs, chunk spans, segments)] of dev questions 0-3 with 2 passages each, for the
     native engine and vLLM alike (the same token IDs)."""
     from bench.dataset import chunk_texts, load, messages_for
     from engine.segments import spans
 
     out = []
     for rec in load(DATASET)[:4]:
-        chunks = [engine.chunk_from_text(t) for t in chunk_texts(rec, 3)]
+        chunks = [engine.chunk_from_text(t) for t in chunk_texts(rec, 2)]
         segs = engine.chat_segments(messages_for(rec), chunks)
         ids = [t for s in segs for t in s.token_ids]
         out.append((ids, [list(x) for s, x in zip(segs, spans(segs)) if s.kind == "chunk"], segs))
