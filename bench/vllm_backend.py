@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.services import vllm_env
+    from bench.services import CONNECTOR, vllm_env
     for k, v in vllm_env().items():
         os.environ.setdefault(k, v)
     import tempfile
@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
     native = LLMEngine(settings)
     dtype = str(native.model.dtype).removeprefix("torch.")  # vLLM in the dtype `auto` picks for ours
     state = tempfile.mkdtemp(prefix="bench-vllm-")
-    connector = KVTransferConfig(kv_connector="CacheBlendConnector", kv_connector_module_path="engine.vllm_connector",
-                                 kv_role="kv_both", kv_connector_extra_config={"state_dir": state})
+    connector = KVTransferConfig(**CONNECTOR, kv_connector_extra_config={"state_dir": state})
     t0 = time.perf_counter()
     llm = LLM(model=str(resolve_model_dir(settings.model, settings.data_dir)), dtype=dtype, enforce_eager=not args.compile,
               max_model_len=8192, max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,

@@ -103,16 +103,17 @@ def run_to_end(steps: Generator[object, None, T]) -> T:
             return done.value
 
 
-def run_for(steps: Generator[int, None, T], budget: int) -> Optional[T]:
+def run_for(steps: Generator[int, None, T], budget: int) -> tuple[Optional[T], int]:
     """Advance a prefill (it yields each layer's computed tokens) until its layers have computed
-    `budget` tokens, at least one layer; its result if it finished, else None (it can go on)."""
+    `budget` tokens, at least one layer: (its result if it finished, else None (it can go on),
+    the tokens computed)."""
     spent = 0
     while spent < budget:
         try:
             spent += next(steps)
         except StopIteration as done:
-            return done.value
-    return None
+            return done.value, spent
+    return None, spent
 
 
 @torch.inference_mode()

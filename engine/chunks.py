@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from engine.request import BlendSpec
 from engine.selection import context_sensitivity, sensitivity_layers
 from kvstore.base import ChunkKV
 from kvstore.keys import chunk_key
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 CONVENTION_VERSION = "v1"
 
@@ -52,12 +56,13 @@ class Precompute:
         return f"{self.name}{'+sens' if self.probe else ''}-{CONVENTION_VERSION}-{digest}"
 
     @classmethod
-    def for_settings(cls, tokenizer, chunk_context: str, chat_preamble: str, with_probe: bool) -> "Precompute":
+    def for_settings(cls, tokenizer, settings: "Settings") -> "Precompute":
         """The convention `--chunk-context` names; the probe only when the selection signal reads it."""
+        with_probe = settings.selection_signal == "sensitivity"
         probe = tuple(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) if with_probe else ()
-        if chunk_context == "sink":
+        if settings.chunk_context == "sink":
             return cls("sink", (sink_token_id(tokenizer),), probe)
-        return cls("prefix", default_prefix_ids(tokenizer, chat_preamble), probe)
+        return cls("prefix", default_prefix_ids(tokenizer, settings.chat_preamble), probe)
 
 
 def sink_token_id(tokenizer) -> int:

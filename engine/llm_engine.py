@@ -59,10 +59,8 @@ class LLMEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self.store: ChunkStore = store if store is not None else build_store(settings, model.device)
         self.prefix_cache = PrefixCache(settings.prefix_cache_bytes)
-        precompute = Precompute.for_settings(tokenizer, settings.chunk_context, settings.chat_preamble,
-                                             with_probe=settings.selection_signal == "sensitivity")
-        self.prefiller = Prefiller(model, tokenizer, self.store, precompute, self.prefix_cache, settings.recompute_chunk_head,
-                                   settings.turn_reuse)
+        self.prefiller = Prefiller(model, tokenizer, self.store, Precompute.for_settings(tokenizer, settings),
+                                   self.prefix_cache, settings.recompute_chunk_head, settings.turn_reuse)
         self.turns = TurnKeeper(model, tokenizer, self.store, self.prefiller.turn_key) if settings.turn_reuse else None
         self.quality = QualityMonitor(settings, self.prefiller, self.eos_ids)
         self.scheduler: Scheduler[Sequence] = Scheduler(settings.max_num_seqs, settings.max_queue)
@@ -152,7 +150,7 @@ class LLMEngine:
             seq.prefill = self.prefiller.steps(req.segments, req.mode, req.spec,
                                                req.num_prompt_tokens + req.sampling.max_tokens, remember=False, salt=req.salt)
         try:
-            pre = run_to_end(seq.prefill) if budget is None else run_for(seq.prefill, budget)
+            pre = run_to_end(seq.prefill) if budget is None else run_for(seq.prefill, budget)[0]
             if pre is None:
                 return None  # the streams decode, then it goes on
             seq.prefill = None

@@ -153,13 +153,7 @@ class Transformer:
     def from_dir(cls, path: Path, device: torch.device, dtype: torch.dtype) -> "Transformer":
         from transformers import AutoConfig
 
-        hf_config = AutoConfig.from_pretrained(str(path))
-        weights: dict[str, torch.Tensor] = {}
-        for f in sorted(Path(path).glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
-                    weights[name] = sf.get_tensor(name)
-        return cls(hf_config, weights, device, dtype)
+        return cls(AutoConfig.from_pretrained(str(path)), load_weights(path), device, dtype)
 
     @classmethod
     def from_hf_model(cls, hf_model, device: torch.device, dtype: torch.dtype) -> "Transformer":
@@ -208,6 +202,16 @@ class Transformer:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [S, hidden] -> [S, V], computed in float32."""
         return F.linear(rms_norm(h.float(), self.final_norm.float(), self.cfg.rms_norm_eps), self.lm_head)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """name -> tensor from every safetensors file of a Hugging Face model directory."""
+    weights: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                weights[name] = sf.get_tensor(name)
+    return weights
 
 
 def fingerprint(hf_config, weights: dict[str, torch.Tensor]) -> str:

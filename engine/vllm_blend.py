@@ -6,7 +6,7 @@ HKVD selection), on vLLM's loaded layers (`engine/vllm_model.py`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generator, Optional, Sequence
 
@@ -15,7 +15,7 @@ from engine.blend import KVCache, PrefillStats
 from engine.chunks import Precompute
 from engine.prefill import BLEND_MODES, Prefiller
 from engine.prefix_cache import PrefixCache
-from engine.request import BlendParams, RequestError
+from engine.request import BlendParams, BlendSpec, RequestError
 from engine.resolve import resolve_blend
 from engine.segments import Segment
 from engine.vllm_model import VllmTransformer
@@ -24,9 +24,12 @@ from kvstore import build_store
 
 @dataclass(frozen=True)
 class BlendRequest:
-    """What a request's `kv_transfer_params["cacheblend"]` asks for, checked against its prompt."""
+    """What a request's `kv_transfer_params["cacheblend"]` asks for, checked against its prompt
+    and resolved once, on the scheduler side."""
     chunks: tuple[tuple[int, int], ...]              # [start, end) token spans whose KV is reused
-    params: BlendParams = field(default_factory=BlendParams)
+    params: BlendParams                              # as the client sent them (they salt its blocks)
+    mode: str
+    spec: BlendSpec
     salt: str = ""                                   # isolates its chunk keys (a tenant's, or the request's cache_salt)
 
     @property
@@ -36,7 +39,8 @@ class BlendRequest:
         return self.chunks[-1][1]
 
     @classmethod
-    def parse(cls, raw: object, num_prompt_tokens: int, salt: str = "") -> Optional["BlendRequest"]:
+    def parse(cls, raw: object, num_prompt_tokens: int, settings: Settings, num_layers: int,
+              salt: str = "") -> Optional["BlendRequest"]:
         """None when `raw` asks for no blend; RequestError naming the field at fault."""
         if raw is None:
             return None
@@ -60,30 +64,29 @@ class BlendRequest:
         if params.mode is not None and params.mode not in BLEND_MODES:
             raise RequestError(f"mode must be one of {', '.join(BLEND_MODES)} here (without a blend, send no "
                                f"cacheblend field)", "kv_transfer_params.cacheblend.mode")
-        return cls(tuple((s, e) for s, e in spans), params, salt) if spans else None
+        if not spans:
+            return None
+        mode, spec = resolve_blend(params, settings, num_layers, settings.recompute_ratio)
+        return cls(tuple((s, e) for s, e in spans), params, mode, spec, salt)
 
 
 class VllmBlender:
     def __init__(self, settings: Settings, vllm_model, hf_config, model_dir: Path):
         from transformers import AutoTokenizer
 
-        self.settings = settings
         self.model = VllmTransformer(vllm_model, hf_config, model_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.store = build_store(settings, self.model.device)
-        precompute = Precompute.for_settings(tokenizer, settings.chunk_context, settings.chat_preamble,
-                                             with_probe=settings.selection_signal == "sensitivity")
         # no prefix cache or turn reuse of our own: vLLM's prefix cache keeps exact prefixes
-        self.prefiller = Prefiller(self.model, tokenizer, self.store, precompute, PrefixCache(0),
-                                   settings.recompute_chunk_head, reuse_turns=False)
+        self.prefiller = Prefiller(self.model, tokenizer, self.store, Precompute.for_settings(tokenizer, settings),
+                                   PrefixCache(0), settings.recompute_chunk_head, reuse_turns=False)
 
     def blend_steps(self, token_ids: Sequence[int], request: BlendRequest) -> Generator[int, None, tuple[KVCache, PrefillStats]]:
         """The blend, yielding after every layer the tokens it computed there (so that vLLM can
         run forward steps for other requests in between); returns the prompt's fused KV
         ([L, Hkv, N, D], post-RoPE K) and how it was made."""
         segments = self.segments(token_ids, request)
-        mode, spec = resolve_blend(request.params, self.settings, self.model.cfg.num_layers, self.settings.recompute_ratio)
-        pre = yield from self.prefiller.steps(segments, mode, spec, len(token_ids), remember=False)
+        pre = yield from self.prefiller.steps(segments, request.mode, request.spec, len(token_ids), remember=False)
         return pre.result.cache, pre.result.stats
 
     def segments(self, token_ids: Sequence[int], request: BlendRequest) -> list[Segment]:

@@ -34,9 +34,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                 KVConnectorRole, KVConnectorTransferResults)
 
 from config.settings import Settings
-from engine.blend import KVCache, PrefillStats
+from engine.blend import KVCache, PrefillStats, run_for
 from engine.request import RequestError
-from engine.resolve import resolve_blend
 from engine.vllm_blend import BlendRequest, VllmBlender
 from engine.vllm_plugin import loaded_model
 
@@ -55,10 +54,9 @@ PARAMS_KEY = "cacheblend"
 @dataclass
 class BlendLoad:
     request_id: str
-    token_ids: list[int]
+    token_ids: list[int]      # the prompt up to `request.end`: positions [start, end) are written
     request: BlendRequest
     start: int                # first position to write (before it: vLLM's own prefix-cache hit)
-    end: int                  # positions [start, end) are written; vLLM computes from `end` on
     block_ids: list[int]
 
 
@@ -79,9 +77,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
         self._start: dict[str, int] = {}                 # request id -> vLLM's own hit when matched
         self._to_load: dict[str, BlendLoad] = {}         # allocated since the last step: the worker starts them
         # worker side
-        self._kv_caches: dict[str, torch.Tensor] = {}
-        self._layer_of: dict[str, int] = {}
-        self._attention: dict[str, Any] = {}             # layer name -> vLLM's attention module
+        self._layers: list[tuple[int, Any, torch.Tensor]] = []  # (layer, vLLM's attention module, its paged KV)
         self._blender: Optional[VllmBlender] = None
         self._blends: dict[str, tuple[BlendLoad, Generator]] = {}  # request id -> its blend in progress
         self._loaded: set[str] = set()                   # blends done since the last report
@@ -92,9 +88,8 @@ class CacheBlendConnector(KVConnectorBase_V1):
     def on_new_request(self, request: "Request") -> None:
         params = request.kv_transfer_params or {}
         try:
-            blend = BlendRequest.parse(params.get(PARAMS_KEY), request.num_prompt_tokens, request.cache_salt or "")
-            if blend is not None:  # its ratios and layers, checked here rather than fail in the worker
-                resolve_blend(blend.params, self.settings, self._num_layers, self.settings.recompute_ratio)
+            blend = BlendRequest.parse(params.get(PARAMS_KEY), request.num_prompt_tokens, self.settings,
+                                       self._num_layers, request.cache_salt or "")
         except RequestError as e:
             # the scheduler cannot refuse a request: it is served by a full prefill, loudly
             log.warning("request %s: not blended: %s: %s", request.request_id, e.param, e)
@@ -137,8 +132,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
         """What the worker needs for a request's blend: its prompt up to the last chunk and its slots."""
         rid = request.request_id
         blend = self._requests[rid]
-        return BlendLoad(rid, list(request.prompt_token_ids[:blend.end]), blend, self._start.get(rid, 0), blend.end,
-                         list(block_ids))
+        return BlendLoad(rid, list(request.prompt_token_ids[:blend.end]), blend, self._start.get(rid, 0), list(block_ids))
 
     # --- worker side ------------------------------------------------------------------------
 
@@ -154,9 +148,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
                 raise RuntimeError(f"CacheBlendConnector: attention implementation {impl} (layer {name}) is not "
                                    f"supported; its KV layout is unknown to the blend (supported: "
                                    f"{', '.join(SUPPORTED_ATTENTION)})")
-            self._layer_of[name] = int(re.search(r"layers\.(\d+)\.", name).group(1))
-        self._kv_caches = kv_caches
-        self._attention = {name: layers[name] for name in kv_caches}
+            self._layers.append((int(re.search(r"layers\.(\d+)\.", name).group(1)), layers[name], cache))
         model = loaded_model()
         if model is None:
             raise RuntimeError("CacheBlendConnector: the model vLLM loaded is not tracked: the `cacheblend` vLLM plugin "
@@ -179,31 +171,24 @@ class CacheBlendConnector(KVConnectorBase_V1):
             if budget <= 0:
                 break
             try:
-                spent, done = 0, None
-                while spent < budget and done is None:
-                    try:
-                        spent += next(steps)
-                    except StopIteration as end:
-                        done = end.value
+                done, spent = run_for(steps, budget)
                 budget -= spent
-                if done is not None:
-                    self._write_pages(load, *done)
+                if done is None:
+                    continue
+                self._write_pages(load, *done)
             except Exception:  # a failed blend must not take the engine down: vLLM recomputes or fails the request
                 log.exception("request %s: blend failed; reporting its load as failed", rid)
                 self._failed.add(rid)
-                done = True
-            if done is not None:
-                del self._blends[rid]
-                self._loaded.add(rid)
+            del self._blends[rid]
+            self._loaded.add(rid)
 
     def _write_pages(self, load: BlendLoad, cache: KVCache, stats: PrefillStats) -> None:
         t0 = time.perf_counter()
-        s, e = load.start, load.end
+        s, e = load.start, load.request.end
         pos = torch.arange(s, e)
         blocks = torch.tensor(load.block_ids)
         slots = (blocks[pos // self.block_size] * self.block_size + pos % self.block_size).to(cache.k.device)
-        for name, kv_cache in self._kv_caches.items():
-            layer, attn = self._layer_of[name], self._attention[name]
+        for layer, attn, kv_cache in self._layers:
             k = cache.k[layer, :, s:e].transpose(0, 1).contiguous()  # [e - s, Hkv, D]
             v = cache.v[layer, :, s:e].transpose(0, 1).contiguous()
             attn.impl.do_kv_cache_update(attn, k, v, kv_cache, slots)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from engine.model import ModelConfig, fingerprint
+from engine.model import ModelConfig, fingerprint, load_weights
 from engine.rope import Rope, apply_rope
 
 
@@ -70,9 +69,4 @@ def fingerprint_dir(model_dir: Path) -> str:
     no plain copy of its linear weights on CPU, and edits its config: both are read from the files)."""
     from transformers import AutoConfig
 
-    weights: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                weights[name] = sf.get_tensor(name)
-    return fingerprint(AutoConfig.from_pretrained(str(model_dir)), weights)
+    return fingerprint(AutoConfig.from_pretrained(str(model_dir)), load_weights(model_dir))

@@ -154,3 +154,18 @@ def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(setti
     asked = prefill(eng, segs, mode="cacheblend", selection_signal="sensitivity").result.stats
     value = prefill(eng, segs, mode="cacheblend").result.stats
     assert asked.selected == value.selected
+
+
+def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():
+    from engine.blend import run_for
+
+    def steps():
+        for computed in (5, 3, 4):
+            yield computed
+        return "done"
+
+    gen = steps()
+    assert run_for(gen, 6) == (None, 8)      # at least the budget, whole layers
+    assert run_for(gen, 1) == (None, 4)      # at least one layer
+    assert run_for(gen, 100) == ("done", 0)  # ends: its result
+    assert run_for(steps(), 100) == ("done", 12)

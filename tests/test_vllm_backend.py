@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from bench.services import vllm_env
+from bench.services import CONNECTOR, vllm_env
 from engine.quality import first_token_kl
 from engine.request import BlendParams
 
@@ -29,8 +29,7 @@ def vllm_llm(tmp_path_factory, engine):
     # a small step budget, so that a blend spans several engine steps here too
     extra = {"state_dir": str(tmp_path_factory.mktemp("vllm-state")), "kv_cpu_bytes": 1 << 30,
              "max_num_batched_tokens": BLEND_STEP_TOKENS}
-    cfg = KVTransferConfig(kv_connector="CacheBlendConnector", kv_connector_module_path="engine.vllm_connector",
-                           kv_role="kv_both", kv_connector_extra_config=extra)
+    cfg = KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra)
     llm = LLM(model=str(convert_embedded(engine.settings.data_dir)), dtype="float32", enforce_eager=True, seed=0,
               max_model_len=MAX_LEN, max_num_batched_tokens=MAX_LEN, enable_prefix_caching=True, max_logprobs=-1,
               kv_transfer_config=cfg)
@@ -174,13 +173,16 @@ def reorder(ids: list[int], chunks: list[list[int]]) -> tuple[list[int], list[li
 
 
 def test_blend_request_parsing_names_the_field_at_fault():
+    from config import Settings
     from engine.request import RequestError
     from engine.vllm_blend import BlendRequest
 
-    assert BlendRequest.parse(None, 100) is None
-    assert BlendRequest.parse({"chunks": []}, 100) is None  # nothing to reuse: plain vLLM
-    req = BlendRequest.parse({"chunks": [[3, 40], [40, 90]], "recompute_ratio": 0.3}, 100, salt="t1")
+    settings, layers = Settings(), 30
+    assert BlendRequest.parse(None, 100, settings, layers) is None
+    assert BlendRequest.parse({"chunks": []}, 100, settings, layers) is None  # nothing to reuse: plain vLLM
+    req = BlendRequest.parse({"chunks": [[3, 40], [40, 90]], "recompute_ratio": 0.3}, 100, settings, layers, salt="t1")
     assert req.chunks == ((3, 40), (40, 90)) and req.params.recompute_ratio == 0.3 and req.salt == "t1"
+    assert req.mode == "cacheblend" and req.spec.ratios == (0.3,)  # resolved once, on the scheduler side
     assert req.end == 90  # vLLM computes the rest of the prompt over the blended KV
     for raw, param in [([1], "kv_transfer_params.cacheblend"),
                        ({"chunks": [[0, 10]], "ratio": 0.1}, "kv_transfer_params.cacheblend"),
@@ -188,7 +190,8 @@ def test_blend_request_parsing_names_the_field_at_fault():
                        ({"chunks": [[0, 10], [9, 20]]}, "kv_transfer_params.cacheblend.chunks"),
                        ({"chunks": [[0, 100]]}, "kv_transfer_params.cacheblend.chunks"),  # the last token is vLLM's
                        ({"chunks": [[0, 1.5]]}, "kv_transfer_params.cacheblend.chunks"),
-                       ({"chunks": [[0, 10]], "mode": "full_prefill"}, "kv_transfer_params.cacheblend.mode")]:
+                       ({"chunks": [[0, 10]], "mode": "full_prefill"}, "kv_transfer_params.cacheblend.mode"),
+                       ({"chunks": [[0, 10]], "recompute_ratio": 2.0}, "cacheblend.recompute_ratio")]:
         with pytest.raises(RequestError) as e:
-            BlendRequest.parse(raw, 100)
+            BlendRequest.parse(raw, 100, settings, layers)
         assert e.value.param == param, raw
