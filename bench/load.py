@@ -25,6 +25,7 @@ from typing import Optional
 import httpx
 
 from bench.dataset import DEFAULT_DATASET, PREFIX, chunk_texts, load, messages_for
+from bench.load_peer import SERVERS
 from bench.stats import percentile
 
 MODES = ("full_prefill", "cacheblend")
@@ -44,6 +45,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=Path("out/bench_load.json"), help="write the results here")
     p.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
                    help="extra `cacheblend serve` flag for a server started here, e.g. --server-flag=--device=cuda")
+    peer = p.add_argument_group("--peer vllm: the same workload on vLLM's own server and ours (bench/load_peer.py)")
+    peer.add_argument("--peer", choices=["vllm"], default=None)
+    peer.add_argument("--servers", type=lambda s: [x for x in s.split(",") if x], default=list(SERVERS),
+                      help=f"servers to run, in order (default: {','.join(SERVERS)})")
+    peer.add_argument("--concurrencies", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16, 32])
+    peer.add_argument("--min-requests", type=int, default=8, help="requests per phase at least (else: the concurrency)")
+    peer.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                      help="vLLM (and our vLLM backend) compiled, vLLM's fastest CPU mode (--no-compile: eager)")
     p.set_defaults(func=run)
 
 
@@ -149,6 +158,9 @@ def print_table(summaries: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peer:
+        from bench.load_peer import run_peer
+        return run_peer(args)
     if args.url:
         report = asyncio.run(run_load(args.url.rstrip("/"), args, args.api_key))
     else:

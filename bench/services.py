@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from config.settings import DEFAULT_DATA_DIR, Settings
+from engine.vllm_config import CONNECTOR, vllm_env
 from server.launcher import VLLM_SERVE, free_port, serve_process
 
 AWS_TEST_ENV = {
@@ -138,8 +139,8 @@ def start_moto() -> Iterator[MotoServer]:
 def _env_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value if isinstance(value, dict) else list(value))
     return str(value)
 
 
@@ -179,15 +180,6 @@ def start_server_process(state_dir: Optional[Path] = None, env: Optional[Mapping
         os.close(log_fd)
         with serve_process(Path(log_path), env=child_env) as served:
             yield served
-
-
-CONNECTOR = {"kv_connector": "CacheBlendConnector", "kv_connector_module_path": "engine.vllm_connector", "kv_role": "kv_both"}
-
-
-def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
-    """vLLM's CPU thread and KV settings for this machine (every core, none reserved)."""
-    return {"VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
 @contextlib.contextmanager

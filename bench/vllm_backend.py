@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.services import CONNECTOR, vllm_env
+    from engine.vllm_config import CONNECTOR, vllm_env
     for k, v in vllm_env().items():
         os.environ.setdefault(k, v)
     import tempfile

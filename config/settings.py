@@ -53,7 +53,13 @@ def check_ratio_rules(ratios: Sequence[float], num_check_layers: int) -> None:
         raise ValueError("check_ratios must not increase from one check layer to the next")
 
 
+def _json_object(value: Any) -> Any:
+    """Objects come as JSON text from env vars and flags."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
 IntList = Annotated[list[int], NoDecode, BeforeValidator(_split_list)]
+JSONObject = Annotated[dict[str, Any], NoDecode, BeforeValidator(_json_object)]
 FloatList = Annotated[list[float], NoDecode, BeforeValidator(_split_list)]
 
 
@@ -68,6 +74,9 @@ class Settings(BaseSettings):
     max_model_len: int = Field(8192, ge=16, description="Longest prompt + completion in tokens")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Folder for the converted embedded model (read at start-up; servers may share it)")
     state_dir: Optional[Path] = Field(None, description="Folder for everything this server writes: the chunk registry (chunks/), document records (documents/) and the disk KV tier (kv/); give each server its own (default: data_dir)")
+
+    backend: Literal["native", "vllm"] = Field("native", description="Generation engine: native (this project's), or vllm (vLLM's V1 engine, with the blend in its CacheBlend KV connector; needs pip install -e .[vllm])")
+    vllm_engine_args: JSONObject = Field(default_factory=dict, description="backend vllm: extra vLLM engine arguments as a JSON object, over the ones these settings give (e.g. {\"enforce_eager\": true})")
 
     # --- blending ---
     mode: Mode = Field("cacheblend", description="Prefill mode: full_prefill | prefix_cache | full_reuse | cacheblend")

@@ -26,12 +26,12 @@ from engine.decode import decode_step
 from engine.detok import Detokenizer
 from engine.loader import load_model
 from engine.model import Transformer
-from engine.prefill import BLEND_MODES, Prefilled, Prefiller
+from engine.prefill import Prefilled, Prefiller
 from engine.prefix_cache import PrefixCache
 from engine.prompt import chat_segments, completion_segments, turn_ids
 from engine.quality_runs import QualityJob, QualityMonitor
 from engine.request import BlendParams, Request, RequestOutput
-from engine.resolve import resolve_blend, resolve_max_tokens
+from engine.resolve import resolve_blend, resolve_request
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Scheduler
 from engine.segments import Segment
@@ -64,6 +64,10 @@ class LLMEngine:
         self.turns = TurnKeeper(model, tokenizer, self.store, self.prefiller.turn_key) if settings.turn_reuse else None
         self.quality = QualityMonitor(settings, self.prefiller, self.eos_ids)
         self.scheduler: Scheduler[Sequence] = Scheduler(settings.max_num_seqs, settings.max_queue)
+
+    @property
+    def cfg(self):
+        return self.model.cfg
 
     @property
     def recompute_ratio(self) -> float:
@@ -101,11 +105,8 @@ class LLMEngine:
         and the blend spec from `blend` over the settings. RequestError names the bad field.
         `user_turn` (from `user_turn`): kept with the reply for the conversation's next request.
         `salt`: the one its segments were keyed with (its prefix-cache entries and turns get it)."""
-        n = sum(len(s) for s in segments)
-        max_tokens = resolve_max_tokens(n, sampling.max_tokens, self.max_model_len, input_param)
-        mode, spec = resolve_blend(blend, self.settings, self.model.cfg.num_layers, self.recompute_ratio)
-        return Request(request_id, tuple(segments), dataclasses.replace(sampling, max_tokens=max_tokens), mode, spec,
-                       user_turn if mode in BLEND_MODES else (), salt=salt, tenant=tenant)
+        return resolve_request(request_id, segments, sampling, blend, self.settings, self.model.cfg.num_layers,
+                               self.recompute_ratio, self.max_model_len, input_param, user_turn, salt, tenant)
 
     # --- scheduling -------------------------------------------------------------------------
 

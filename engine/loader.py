@@ -103,5 +103,9 @@ def load_model(settings: "Settings"):
     device = resolve_device(settings.device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = Transformer.from_dir(model_dir, device, resolve_dtype(settings.dtype, device))
-    default_name = EMBEDDED_NAME if settings.model in EMBEDDED_ALIASES else model_dir.name
-    return model, tokenizer, settings.served_model_name or default_name
+    return model, tokenizer, served_name(settings, model_dir)
+
+
+def served_name(settings: "Settings", model_dir: Path) -> str:
+    """The model name the API reports."""
+    return settings.served_model_name or (EMBEDDED_NAME if settings.model in EMBEDDED_ALIASES else model_dir.name)

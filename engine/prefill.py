@@ -19,6 +19,7 @@ from engine.chunks import Precompute, key_for, precompute_chunk
 from engine.model import Transformer
 from engine.prefix_cache import PrefixCache
 from engine.request import BlendSpec
+from engine.resolve import BLEND_MODES
 from engine.segments import Segment, spans, token_ids, tokenize
 from kvstore import ChunkMissing, LayerPrefetcher
 from kvstore.base import ChunkKV, ChunkStore
@@ -26,7 +27,6 @@ from kvstore.keys import chunk_key
 
 log = logging.getLogger(__name__)
 
-BLEND_MODES = ("full_reuse", "cacheblend")  # the modes that reuse chunk (and turn) KV
 TURN_CONVENTION = "turn-v1"
 
 

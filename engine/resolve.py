@@ -6,10 +6,29 @@ Pure functions: the settings, the client's overrides and the model's depth in, a
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Optional, Sequence
 
 from config.settings import MODES, SELECTION_SIGNALS, Settings, check_layer_rules, check_ratio_rules
-from engine.request import BlendParams, BlendSpec, RequestError
+from engine.request import BlendParams, BlendSpec, Request, RequestError
+from engine.sampling import SamplingParams
+from engine.segments import Segment
+
+# The modes that reuse chunk (and turn) KV at new positions (the others compute every token or reuse an exact prefix)
+BLEND_MODES = ("full_reuse", "cacheblend")
+
+
+def resolve_request(request_id: str, segments: Sequence[Segment], sampling: SamplingParams, blend: BlendParams,
+                    settings: Settings, num_layers: int, default_ratio: float, max_model_len: int, input_param: str,
+                    user_turn: tuple[int, ...] = (), salt: str = "", tenant: str = "default") -> Request:
+    """The request resolved once: max_tokens against the context (None: up to the limit) and
+    the blend spec from `blend` over the settings; RequestError names the bad field. A turn to
+    keep is kept only by a blend mode."""
+    n = sum(len(s) for s in segments)
+    max_tokens = resolve_max_tokens(n, sampling.max_tokens, max_model_len, input_param)
+    mode, spec = resolve_blend(blend, settings, num_layers, default_ratio)
+    return Request(request_id, tuple(segments), dataclasses.replace(sampling, max_tokens=max_tokens), mode, spec,
+                   user_turn if mode in BLEND_MODES else (), salt=salt, tenant=tenant)
 
 
 def resolve_max_tokens(num_prompt_tokens: int, max_tokens: Optional[int], max_model_len: int, input_param: str) -> int:

@@ -62,25 +62,25 @@ class RequestStats:
 
 def record_prefill(st: RequestStats, req: "Request", pre: "Prefilled", first_decode_s: float, ttft_s: float) -> None:
     """What a finished prefill tells about a request: its mode, tokens by source, phases, TTFT."""
-    ps = pre.result.stats
     st.mode = req.mode
     st.ratio = req.spec.ratios[-1] if req.spec.ratios else None
-    st.tokens_reused = ps.num_tokens - ps.recomputed_tokens
-    st.tokens_recomputed = ps.recomputed_tokens
-    st.exact_tokens = ps.exact_tokens
-    st.chunk_tokens = ps.cached_tokens - pre.turn_tokens
-    st.turn_tokens = pre.turn_tokens
-    st.recomputed_per_layer = ps.computed_per_layer
-    st.selected_per_check_layer = {layer: len(p) for layer, p in ps.selected.items()}
-    st.chunk_hits = pre.chunk_tiers
-    st.chunk_misses = pre.chunk_misses
-    st.kv_fetch_s = pre.kv_fetch_s
-    st.chunk_compute_s = pre.chunk_compute_s
-    st.kv_load_s = pre.kv_load_s
-    st.kv_wait_s = pre.kv_wait_s
-    st.loading_hidden = pre.kv_wait_s <= 0.1 * max(pre.kv_load_s, 1e-9)
-    st.selection_s = ps.selection_s
-    st.recompute_s = ps.compute_s - ps.selection_s
-    st.prefill_paused_s = ps.paused_s
+    for name, value in prefill_record(pre).items():
+        setattr(st, name, value)
     st.first_decode_s = first_decode_s
     st.ttft_s = ttft_s
+
+
+def prefill_record(pre: "Prefilled") -> dict:
+    """The RequestStats fields a prefill fills (plain values: the vLLM connector sends them
+    from its worker to the server in the request's output)."""
+    ps = pre.result.stats
+    return {
+        "tokens_reused": ps.num_tokens - ps.recomputed_tokens, "tokens_recomputed": ps.recomputed_tokens,
+        "exact_tokens": ps.exact_tokens, "chunk_tokens": ps.cached_tokens - pre.turn_tokens,
+        "turn_tokens": pre.turn_tokens, "recomputed_per_layer": list(ps.computed_per_layer),
+        "selected_per_check_layer": {layer: len(p) for layer, p in ps.selected.items()},
+        "chunk_hits": dict(pre.chunk_tiers), "chunk_misses": pre.chunk_misses,
+        "kv_fetch_s": pre.kv_fetch_s, "chunk_compute_s": pre.chunk_compute_s, "kv_load_s": pre.kv_load_s,
+        "kv_wait_s": pre.kv_wait_s, "loading_hidden": pre.kv_wait_s <= 0.1 * max(pre.kv_load_s, 1e-9),
+        "selection_s": ps.selection_s, "recompute_s": ps.compute_s - ps.selection_s, "prefill_paused_s": ps.paused_s,
+    }

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Generator, Optional, Sequence
 
 from config.settings import Settings
-from engine.blend import KVCache, PrefillStats
 from engine.chunks import Precompute
-from engine.prefill import BLEND_MODES, Prefiller
+from engine.prefill import Prefilled, Prefiller
 from engine.prefix_cache import PrefixCache
 from engine.request import BlendParams, BlendSpec, RequestError
-from engine.resolve import resolve_blend
+from engine.resolve import BLEND_MODES, resolve_blend
 from engine.segments import Segment
 from engine.vllm_model import VllmTransformer
 from kvstore import build_store
@@ -30,13 +29,16 @@ class BlendRequest:
     params: BlendParams                              # as the client sent them (they salt its blocks)
     mode: str
     spec: BlendSpec
+    num_tokens: int                                  # the prompt's
     salt: str = ""                                   # isolates its chunk keys (a tenant's, or the request's cache_salt)
 
     @property
     def end(self) -> int:
-        """The blend covers the prompt up to its last chunk; vLLM computes the rest over the
-        blended KV, exactly as the blend would (chunk tokens never attend to later tokens)."""
-        return self.chunks[-1][1]
+        """The blend provides the whole prompt but its last token, the text after the last chunk
+        computed among its recomputed tokens as in the native engine (a blend that stopped at the
+        last chunk would compute that chunk's last token in full, as the last of its input); vLLM
+        computes the last token over it, which gives the first output token."""
+        return self.num_tokens - 1
 
     @classmethod
     def parse(cls, raw: object, num_prompt_tokens: int, settings: Settings, num_layers: int,
@@ -67,7 +69,7 @@ class BlendRequest:
         if not spans:
             return None
         mode, spec = resolve_blend(params, settings, num_layers, settings.recompute_ratio)
-        return cls(tuple((s, e) for s, e in spans), params, mode, spec, salt)
+        return cls(tuple((s, e) for s, e in spans), params, mode, spec, num_prompt_tokens, salt)
 
 
 class VllmBlender:
@@ -81,13 +83,12 @@ class VllmBlender:
         self.prefiller = Prefiller(self.model, tokenizer, self.store, Precompute.for_settings(tokenizer, settings),
                                    PrefixCache(0), settings.recompute_chunk_head, reuse_turns=False)
 
-    def blend_steps(self, token_ids: Sequence[int], request: BlendRequest) -> Generator[int, None, tuple[KVCache, PrefillStats]]:
+    def blend_steps(self, token_ids: Sequence[int], request: BlendRequest) -> Generator[int, None, Prefilled]:
         """The blend, yielding after every layer the tokens it computed there (so that vLLM can
-        run forward steps for other requests in between); returns the prompt's fused KV
-        ([L, Hkv, N, D], post-RoPE K) and how it was made."""
+        run forward steps for other requests in between); returns the prefill: the prompt's
+        fused KV (`result.cache`, [L, Hkv, N, D], post-RoPE K) and how it was made."""
         segments = self.segments(token_ids, request)
-        pre = yield from self.prefiller.steps(segments, request.mode, request.spec, len(token_ids), remember=False)
-        return pre.result.cache, pre.result.stats
+        return (yield from self.prefiller.steps(segments, request.mode, request.spec, len(token_ids), remember=False))
 
     def segments(self, token_ids: Sequence[int], request: BlendRequest) -> list[Segment]:
         out, pos = [], 0

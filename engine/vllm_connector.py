@@ -9,13 +9,13 @@ A request asks for a blend with `kv_transfer_params={"cacheblend": {"chunks": [[
 
 Scheduler side: such a request's blocks are salted with its blend (its KV is approximate and
 must never be an exact prefix hit for another request; an identical blend may share them), and
-the prompt up to the end of its last chunk is reported as provided by the connector, loaded
+the whole prompt but its last token is reported as provided by the connector, loaded
 asynchronously: the request waits while others run. Worker side: the blend of that span runs on
 vLLM's own layers, a few layers per engine step (`max_num_batched_tokens` computed tokens, as in
 the native engine), between vLLM's forward passes, so running streams keep decoding; when it
 ends, its KV is written into vLLM's paged cache at the request's slots by the attention
-backend's own writer and the request is reported loaded. vLLM then computes the rest of the
-prompt (the question) over it, with its own kernels, and decodes as usual.
+backend's own writer and the request is reported loaded. vLLM then computes the last prompt
+token over it, with its own kernels, and decodes as usual.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING, Any, Generator, Optional
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                                KVConnectorRole, KVConnectorTransferResults)
+                                                                KVConnectorRole, KVConnectorTransferResults,
+                                                                KVConnectorWorkerMetadata)
 
 from config.settings import Settings
-from engine.blend import KVCache, PrefillStats, run_for
+from engine.blend import run_for
+from engine.prefill import Prefilled
 from engine.request import RequestError
+from engine.stats import prefill_record
 from engine.vllm_blend import BlendRequest, VllmBlender
 from engine.vllm_plugin import loaded_model
 
@@ -54,7 +57,7 @@ PARAMS_KEY = "cacheblend"
 @dataclass
 class BlendLoad:
     request_id: str
-    token_ids: list[int]      # the prompt up to `request.end`: positions [start, end) are written
+    token_ids: list[int]      # the prompt but its last token (`request.end`): positions [start, end) are written
     request: BlendRequest
     start: int                # first position to write (before it: vLLM's own prefix-cache hit)
     block_ids: list[int]
@@ -63,6 +66,16 @@ class BlendLoad:
 @dataclass
 class CacheBlendMetadata(KVConnectorMetadata):
     loads: list[BlendLoad] = field(default_factory=list)
+
+
+@dataclass
+class BlendRecords(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, per engine step: how each blend finished in it was made (request id
+    -> `prefill_record` fields); the request's final output carries it in `kv_transfer_params`."""
+    records: dict[str, dict] = field(default_factory=dict)
+
+    def aggregate(self, other: "BlendRecords") -> "BlendRecords":
+        return BlendRecords({**self.records, **other.records})
 
 
 class CacheBlendConnector(KVConnectorBase_V1):
@@ -76,12 +89,14 @@ class CacheBlendConnector(KVConnectorBase_V1):
         self._requests: dict[str, BlendRequest] = {}     # request id -> its blend
         self._start: dict[str, int] = {}                 # request id -> vLLM's own hit when matched
         self._to_load: dict[str, BlendLoad] = {}         # allocated since the last step: the worker starts them
+        self._records: dict[str, dict] = {}              # request id -> its blend's record, until it finishes
         # worker side
         self._layers: list[tuple[int, Any, torch.Tensor]] = []  # (layer, vLLM's attention module, its paged KV)
-        self._blender: Optional[VllmBlender] = None
+        self.blender: Optional[VllmBlender] = None        # the blend and its chunk store (`engine/vllm_worker.py` reaches it)
         self._blends: dict[str, tuple[BlendLoad, Generator]] = {}  # request id -> its blend in progress
         self._loaded: set[str] = set()                   # blends done since the last report
         self._failed: set[str] = set()
+        self._done: dict[str, dict] = {}                 # blends done since the last step: their records
 
     # --- scheduler side ---------------------------------------------------------------------
 
@@ -126,10 +141,16 @@ class CacheBlendConnector(KVConnectorBase_V1):
         # that waits on KV only once the worker reports that load finished (it stops it at once)
         self._requests.pop(request.request_id, None)
         self._start.pop(request.request_id, None)
-        return False, None
+        record = self._records.pop(request.request_id, None)
+        return False, ({PARAMS_KEY: record} if record is not None else None)
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, BlendRecords):
+            self._records.update(meta.records)
 
     def _load(self, request: "Request", block_ids: list[int]) -> BlendLoad:
-        """What the worker needs for a request's blend: its prompt up to the last chunk and its slots."""
+        """What the worker needs for a request's blend: its prompt but the last token, and its slots."""
         rid = request.request_id
         blend = self._requests[rid]
         return BlendLoad(rid, list(request.prompt_token_ids[:blend.end]), blend, self._start.get(rid, 0), list(block_ids))
@@ -155,9 +176,9 @@ class CacheBlendConnector(KVConnectorBase_V1):
                                "must be installed and enabled (pip install this project; VLLM_PLUGINS, if set, must "
                                "name `cacheblend`), and the model must be a Llama-architecture one")
         mc = self._vllm_config.model_config
-        self._blender = VllmBlender(self.settings, model, mc.hf_config, Path(mc.model))
+        self.blender = VllmBlender(self.settings, model, mc.hf_config, Path(mc.model))
         log.info("CacheBlendConnector: blending on vLLM's layers (%s, %s, %d layers), chunk KV in %s",
-                 self._blender.model.dtype, impl, len(kv_caches), ", ".join(self._blender.store.stats()))
+                 self.blender.model.dtype, impl, len(kv_caches), ", ".join(self.blender.store.stats()))
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         """Start this step's new blends, then advance the blends in progress by this step's
@@ -165,7 +186,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         assert isinstance(meta, CacheBlendMetadata)
         for load in meta.loads:
-            self._blends[load.request_id] = (load, self._blender.blend_steps(load.token_ids, load.request))
+            self._blends[load.request_id] = (load, self.blender.blend_steps(load.token_ids, load.request))
         budget = self.settings.max_num_batched_tokens
         for rid, (load, steps) in list(self._blends.items()):
             if budget <= 0:
@@ -175,15 +196,16 @@ class CacheBlendConnector(KVConnectorBase_V1):
                 budget -= spent
                 if done is None:
                     continue
-                self._write_pages(load, *done)
+                self._write_pages(load, done)
             except Exception:  # a failed blend must not take the engine down: vLLM recomputes or fails the request
                 log.exception("request %s: blend failed; reporting its load as failed", rid)
                 self._failed.add(rid)
             del self._blends[rid]
             self._loaded.add(rid)
 
-    def _write_pages(self, load: BlendLoad, cache: KVCache, stats: PrefillStats) -> None:
+    def _write_pages(self, load: BlendLoad, pre: Prefilled) -> None:
         t0 = time.perf_counter()
+        cache, stats = pre.result.cache, pre.result.stats
         s, e = load.start, load.request.end
         pos = torch.arange(s, e)
         blocks = torch.tensor(load.block_ids)
@@ -195,6 +217,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
         log.debug("request %s: blended %d tokens (%d recomputed, %.3fs computing), wrote [%d, %d) into vLLM's pages "
                   "in %.3fs", load.request_id, stats.num_tokens, stats.recomputed_tokens, stats.compute_s, s, e,
                   time.perf_counter() - t0)
+        self._done[load.request_id] = prefill_record(pre)
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         for rid in finished_req_ids & self._blends.keys():  # aborted mid-blend: stop it, release its blocks
@@ -203,6 +226,16 @@ class CacheBlendConnector(KVConnectorBase_V1):
         loaded, failed = self._loaded, self._failed
         self._loaded, self._failed = set(), set()
         return KVConnectorTransferResults(finished_recving=loaded, failed_recving=failed)
+
+    def build_connector_worker_meta(self) -> Optional[BlendRecords]:
+        if not self._done:
+            return None
+        meta, self._done = BlendRecords(self._done), {}
+        return meta
+
+    def shutdown(self) -> None:
+        if self.blender is not None:
+            self.blender.store.close()  # flushes writes still queued for the slower tiers
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # a request's forward runs only after its blend is written

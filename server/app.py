@@ -68,7 +68,7 @@ class Runtime:
 
     async def load(self) -> None:
         try:
-            state = await asyncio.to_thread(load_state, self.settings, self._engine)
+            state = await asyncio.to_thread(load_state, self.settings, asyncio.get_running_loop(), self._engine)
         except Exception as e:
             log.exception("could not load the model")
             self.load_error = f"{type(e).__name__}: {e}"
@@ -135,16 +135,16 @@ def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
     @app.get("/health")
     async def health() -> dict:
         state = rt.ready().state
-        scheduler = state.engine.scheduler
-        return {"status": "ok", "model": state.model_name, "num_running": scheduler.num_running,
-                "num_waiting": scheduler.num_waiting}
+        queue = state.async_engine
+        return {"status": "ok", "model": state.model_name, "num_running": queue.num_running,
+                "num_waiting": queue.num_waiting}
 
     @app.get("/metrics")
     async def metrics() -> Response:
         state = rt.ready().state
         m = state.metrics
         m.observe_store(await asyncio.to_thread(state.engine.store.stats))
-        m.set_queue(state.engine.scheduler.num_running, state.engine.scheduler.num_waiting)
+        m.set_queue(state.async_engine.num_running, state.async_engine.num_waiting)
         m.set_ratio(state.engine.recompute_ratio)
         body, content_type = m.render()
         return Response(body, media_type=content_type)

@@ -72,6 +72,14 @@ class AsyncEngine:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def num_running(self) -> int:
+        return self.engine.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.scheduler.num_waiting
+
     def submit(self, request: Request) -> RequestStream:
         """Queue a resolved request; raises QueueFull when the engine's queue is full."""
         stream = RequestStream(self, request.request_id, asyncio.get_running_loop(), request.tenant)

@@ -57,7 +57,7 @@ class OpenAIServingChunks:
         self.engine = state.engine
         self.registry = state.registry
         self.settings = state.settings
-        cfg = self.engine.model.cfg
+        cfg = self.engine.cfg
         # A tenant's stored bytes are estimated from its chunks' tokens: their KV in the storage
         # dtype, every layer (what one copy takes in a tier).
         self.kv_bytes_per_token = cfg.num_layers * bytes_per_token_per_layer(

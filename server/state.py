@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import asyncio
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from config.settings import Settings
 from engine.llm_engine import LLMEngine
@@ -13,16 +14,20 @@ from kvstore import ChunkRegistry, build_registry
 from server.async_engine import AsyncEngine
 from server.metrics import Metrics
 
+if TYPE_CHECKING:
+    from server.vllm_async_engine import VllmAsyncEngine
+    from server.vllm_engine import VllmEngine
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServerState:
     settings: Settings
-    engine: LLMEngine
+    engine: Union[LLMEngine, "VllmEngine"]             # the request path up to a resolved request, and the chunk store
     registry: ChunkRegistry
     metrics: Metrics
-    async_engine: AsyncEngine
+    async_engine: Union[AsyncEngine, "VllmAsyncEngine"]  # runs resolved requests
 
     @property
     def model_name(self) -> str:
@@ -48,17 +53,28 @@ def _report_quality(metrics: Metrics, engine: LLMEngine) -> None:
     engine.quality.on_controller.append(on_controller)
 
 
-def load_state(settings: Settings, engine: Optional[LLMEngine] = None) -> ServerState:
-    """Load the engine (blocking; it builds the tiered KV store from `settings`) unless one is
-    given, wire its metrics and start the engine thread."""
-    if engine is None:
-        engine = LLMEngine(settings)
-    metrics = Metrics(engine.model_name)
+def load_state(settings: Settings, loop: asyncio.AbstractEventLoop, engine: Optional[LLMEngine] = None) -> ServerState:
+    """Load the engine (blocking; `settings.backend` says which) unless one is given, wire its
+    metrics and start it. The native engine builds the tiered KV store from `settings`; with
+    vLLM, its worker does. `loop`: the server's event loop (vLLM's engine client runs on it)."""
+    if settings.backend == "vllm" and engine is None:
+        from server.vllm_async_engine import QueueCounts, VllmAsyncEngine, queue_stat_logger
+        from server.vllm_engine import load_vllm
+
+        counts = QueueCounts()
+        engine = load_vllm(settings, loop, [queue_stat_logger(counts)])
+        metrics = Metrics(engine.model_name)
+        async_engine = VllmAsyncEngine(engine, metrics, loop, counts)
+    else:
+        if engine is None:
+            engine = LLMEngine(settings)
+        metrics = Metrics(engine.model_name)
+        _report_quality(metrics, engine)
+        async_engine = AsyncEngine(engine, metrics)
     metrics.set_ratio(engine.recompute_ratio)
-    _report_quality(metrics, engine)
-    async_engine = AsyncEngine(engine, metrics)
     async_engine.start()
-    log.info("serving %s (max_model_len %d) on %s", engine.model_name, engine.max_model_len, engine.device)
+    log.info("serving %s (max_model_len %d) on %s, %s backend", engine.model_name, engine.max_model_len, engine.device,
+             settings.backend)
     _log_state_placement(settings)
     return ServerState(settings, engine, build_registry(settings), metrics, async_engine)
 

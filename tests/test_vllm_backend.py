@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from bench.services import CONNECTOR, vllm_env
+from engine.vllm_config import CONNECTOR, vllm_env
 from engine.quality import first_token_kl
 from engine.request import BlendParams
 
@@ -183,7 +183,7 @@ def test_blend_request_parsing_names_the_field_at_fault():
     req = BlendRequest.parse({"chunks": [[3, 40], [40, 90]], "recompute_ratio": 0.3}, 100, settings, layers, salt="t1")
     assert req.chunks == ((3, 40), (40, 90)) and req.params.recompute_ratio == 0.3 and req.salt == "t1"
     assert req.mode == "cacheblend" and req.spec.ratios == (0.3,)  # resolved once, on the scheduler side
-    assert req.end == 90  # vLLM computes the rest of the prompt over the blended KV
+    assert req.end == 99  # vLLM computes the last token over the blended KV
     for raw, param in [([1], "kv_transfer_params.cacheblend"),
                        ({"chunks": [[0, 10]], "ratio": 0.1}, "kv_transfer_params.cacheblend"),
                        ({"chunks": [[5, 5]]}, "kv_transfer_params.cacheblend.chunks"),
