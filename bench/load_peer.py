@@ -211,5 +211,8 @@ def run_peer(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
         args.json.write_text(json.dumps({"config": config, "dtype": dtype, "rows": rows}, indent=2))
-        print(f"wrote {args.json}")
+        from bench.plots import throughput_vs_ttft
+        plot = throughput_vs_ttft(rows, args.json.with_suffix(".png"),
+                                  f"{args.passages} passages, {args.max_tokens} output tokens, {dtype}")
+        print(f"wrote {args.json} and {plot}")
     return 0 if all(r["errors"] == 0 for r in rows) else 1

@@ -133,6 +133,25 @@ def tune_plot(rows: list[dict], path: Path, chosen: Optional[float] = None, metr
     return _save(fig, path)
 
 
+def throughput_vs_ttft(rows: list[dict], path: Path, title: str = "") -> Path:
+    """`bench load --peer`: requests/s against TTFT p50, one line per server, a point per
+    concurrency (labelled)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for server in dict.fromkeys(r["server"] for r in rows):
+        points = sorted((r for r in rows if r["server"] == server), key=lambda r: r["concurrency"])
+        xs, ys = [p["ttft_p50_s"] for p in points], [p["requests_per_s"] for p in points]
+        ax.plot(xs, ys, marker="o", label=server)
+        for p, x, y in zip(points, xs, ys):
+            ax.annotate(f"c={p['concurrency']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT p50 (s, log)")
+    ax.set_ylabel("requests/s")
+    ax.set_title(title or "throughput vs TTFT")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def eval_plots(rows: list[dict], context_rows: list[dict], variant_rows: list[dict], folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -236,6 +236,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self.blender is not None:
             self.blender.store.close()  # flushes writes still queued for the slower tiers
+            log.info("CacheBlendConnector: chunk store flushed and closed")
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # a request's forward runs only after its blend is written

@@ -30,7 +30,8 @@ class CacheBlendWorker:
         - "ensure", token_ids, key: the chunk's KV stored under `key` (the server made it from
           "keying"), precomputed on a miss;
         - "contains" / "delete", key: bool;
-        - "stats": the tiers, one line each."""
+        - "stats": the tiers, one line each;
+        - "close": flush the store's pending writes and close it (at the server's shutdown)."""
         blender = _blender()
         prefiller, store = blender.prefiller, blender.store
         if op == "keying":
@@ -44,4 +45,6 @@ class CacheBlendWorker:
             return store.delete(args[0])
         if op == "stats":
             return store.stats()
+        if op == "close":
+            return store.close()
         raise ValueError(f"unknown chunk-store operation {op!r}")

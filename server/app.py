@@ -136,6 +136,8 @@ def build_app(settings: Settings, engine: Optional[LLMEngine] = None,
     async def health() -> dict:
         state = rt.ready().state
         queue = state.async_engine
+        if not queue.alive:
+            raise APIError("the engine has stopped", 503)
         return {"status": "ok", "model": state.model_name, "num_running": queue.num_running,
                 "num_waiting": queue.num_waiting}
 

@@ -73,6 +73,10 @@ class AsyncEngine:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def num_running(self) -> int:
         return self.engine.scheduler.num_running
 

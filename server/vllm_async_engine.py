@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+STORE_CLOSE_TIMEOUT_S = 60.0  # a flush to a slow tier (Redis, S3) at shutdown
+
 
 def blend_params(request: Request) -> Optional[dict]:
     """`kv_transfer_params["cacheblend"]` for a request: its chunks' token spans and its
@@ -100,6 +102,10 @@ class VllmAsyncEngine:
     def start(self) -> None:
         return  # vLLM's engine runs in its own processes
 
+    @property
+    def alive(self) -> bool:
+        return not self.llm.errored
+
     # vLLM reports its queue only when it steps: the requests in flight here bound it (an idle
     # engine reports nothing more after its last request ended)
     @property
@@ -134,7 +140,7 @@ class VllmAsyncEngine:
 
     async def shutdown(self, timeout_s: float) -> None:
         """Refuse new requests, let running ones finish for up to `timeout_s`, abort the rest,
-        then stop vLLM's engine (the connector flushes the chunk store)."""
+        close the chunk store (flushed) and stop vLLM's engine."""
         self.accepting = False
         deadline = time.monotonic() + timeout_s
         while self._streams and time.monotonic() < deadline:
@@ -142,7 +148,13 @@ class VllmAsyncEngine:
         for request_id in list(self._tasks):
             self.abort(request_id)
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        self._jobs.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._jobs.shutdown, wait=True, cancel_futures=True)
+        # flush the chunk store's pending writes while vLLM's worker still runs (vLLM stops it by
+        # signal); an engine that died cannot answer, and its worker closed the store on its way out
+        try:
+            await asyncio.wait_for(self.llm.collective_rpc("cacheblend", args=("close",)), STORE_CLOSE_TIMEOUT_S)
+        except Exception as e:
+            log.warning("could not close the chunk store in vLLM's worker: %s", e or type(e).__name__)
         self.llm.shutdown()
 
     # --- one request --------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class WorkerStore:
         return self._engine.call("stats")
 
     def close(self) -> None:
-        """Nothing to do here: the connector closes (flushes) it when vLLM shuts down."""
+        """Nothing left to do: `VllmAsyncEngine.shutdown` closed it in the worker, before vLLM stopped."""
 
 
 class VllmEngine:

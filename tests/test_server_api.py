@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +20,7 @@ from openai import AsyncOpenAI, OpenAI
 from config.settings import Settings
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
-from server_process import start_server
+from server_process import start_server_process
 
 # Limits small enough to hit cheaply; none of them changes what the model generates.
 LIMITS = dict(max_model_len=1024, max_body_bytes=65536, max_chunks_per_request=4, max_chunk_tokens=64)
@@ -44,9 +47,14 @@ def backend(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def base_url(backend):
-    with start_server(**LIMITS, **BACKENDS[backend]) as url:
-        yield url
+def server(backend):
+    with start_server_process(**LIMITS, **BACKENDS[backend]) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def base_url(server):
+    return server[0]
 
 
 @pytest.fixture(scope="module")
@@ -418,3 +426,37 @@ def test_a_refused_request_writes_nothing(base_url, chunk_ids):
     ok = post("/v1/chat/completions", _chat_body(chunks=[{"text": "an inline text accepted 17"}], max_tokens=1))
     assert ok.status_code == 200, ok.text
     assert len(_all_chunk_ids(base_url) - before) == 1
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_a_dead_vllm_engine_fails_health_and_requests(backend, server, model):
+    """vLLM's engine processes killed under the server (last test: it leaves the engine dead):
+    /health says 503 (an orchestrator restarts it), a request fails with 500, nothing hangs."""
+    if backend != "vllm":
+        pytest.skip("the native engine runs in the server's own process")
+    base_url, proc = server
+    engine_pids = _descendants(proc.pid)
+    assert engine_pids  # vLLM's engine core and worker
+    for pid in engine_pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base_url}/health").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_error(httpx.get(f"{base_url}/health"), 503)
+    response = httpx.post(f"{base_url}/v1/completions", json={"prompt": "Hello", "max_tokens": 2}, timeout=60)
+    assert_error(response, 500)
