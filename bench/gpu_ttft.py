@@ -18,6 +18,7 @@ cleared before every run, so nothing but chunk KV is reused.
 Writes a markdown table and JSON (`--out`, default gpu_ttft.md / gpu_ttft.json). Designed to take
 well under 6 minutes on an H200 (`--budget-s` stops starting new context sizes past a deadline).
 `--dry-run`: a 2-layer tiny model on the CPU at contexts 64,128 (what the test runs).
+`--vllm`: the vLLM backend instead, against vLLM alone and the native engine (bench/gpu_vllm.py).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("gpu_ttft.md"), help="markdown table; JSON goes next to it (.json)")
     p.add_argument("--dry-run", action="store_true", help="tiny 2-layer model on the CPU, contexts 64,128 (for tests)")
+    p.add_argument("--vllm", action="store_true",
+                   help="instead: the vLLM backend against vLLM alone and the native engine (bench/gpu_vllm.py; "
+                        "needs vLLM: pip install -e .[vllm-cuda]); JSON next to --out (.vllm.json)")
     p.set_defaults(func=run)
 
 
@@ -76,6 +80,9 @@ def first_token(engine, segments, blend, device: torch.device) -> tuple[int, obj
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.vllm:
+        from bench.gpu_vllm import run_vllm
+        return run_vllm(args)
     from config.settings import Settings
     from engine.llm_engine import LLMEngine
     from engine.request import BlendParams

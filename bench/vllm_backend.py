@@ -34,8 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="vLLM with torch.compile, its fastest CPU mode (default: on; --no-compile: eager)")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="vLLM's share of GPU memory (default: vLLM's; leave room for the native engine's copy)")
     from config import add_settings_flags
-    add_settings_flags(p, fields=["model", "dtype", "data_dir"])
+    add_settings_flags(p, fields=["model", "dtype", "data_dir", "device"])
     p.set_defaults(func=run)
 
 
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = LLM(model=str(resolve_model_dir(settings.model, settings.data_dir)), dtype=dtype, enforce_eager=not args.compile,
               max_model_len=8192, max_num_batched_tokens=8192, enable_prefix_caching=True, seed=0,
-              kv_transfer_config=connector)
+              kv_transfer_config=connector,
+              **({"gpu_memory_utilization": args.gpu_memory_utilization} if args.gpu_memory_utilization else {}))
     print(f"vLLM up in {time.perf_counter() - t0:.0f}s ({'compiled' if args.compile else 'eager'}, {dtype})", flush=True)
 
     def vllm_ttft(ids: list[int], blend=None) -> tuple[float, int]:

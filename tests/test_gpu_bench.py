@@ -56,3 +56,18 @@ def test_random_weights_have_the_mistral_shape_names():
     cfg = gpu_model.hf_config(gpu_model.MISTRAL_7B, 40000)
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.intermediate_size, cfg.vocab_size, cfg.sliding_window) == (32, 4096, 32, 8, 14336, 32000, None)
+
+
+def test_vllm_dry_run_measures_the_vllm_backend_on_a_written_random_model(tmp_path):
+    """`bench gpu --vllm` on the CPU: a random tiny Llama written to disk with the embedded
+    tokenizer, then vLLM alone, with prefix caching, with the connector, and the native engine."""
+    out = tmp_path / "gpu_ttft.md"
+    assert cli_main(["bench", "gpu", "--vllm", "--dry-run", "--out", str(out)]) == 0
+    model_dir = tmp_path / "gpu-vllm-tiny"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 2
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+    median = json.loads(out.with_suffix(".vllm.json").read_text())["median_s"]
+    assert set(median) == {"vllm:full_prefill", "vllm:prefix_caching", "vllm:cacheblend@0.15", "native:full_prefill",
+                           "native:cacheblend@0.15"}
+    assert all(v > 0 for v in median.values())
