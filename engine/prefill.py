@@ -68,7 +68,7 @@ class Prefiller:
 
     def chunk_segment(self, ids: Sequence[int], salt: str = "") -> Segment:
         ids = tuple(ids)
-        return Segment("chunk", ids, key_for(self.model, self.precompute, ids, self.kv_dtype, salt))
+        return Segment("chunk", ids, key_for(self.model, self.precompute, ids, self.kv_dtype, salt), salt)
 
     def turn_key(self, ids: tuple[int, ...], salt: str = "") -> str:
         """A turn's content key: its own convention (its KV is cut from a request, not precomputed)."""

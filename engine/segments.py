@@ -18,6 +18,7 @@ class Segment:
     kind: SegmentKind
     token_ids: tuple[int, ...]
     chunk_key: Optional[str] = None  # set on chunks and turns: the content key of their KV
+    salt: str = ""                   # chunks: the salt their key was made with (a tenant's; "" when shared)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -31,6 +31,7 @@ class BlendRequest:
     spec: BlendSpec
     num_tokens: int                                  # the prompt's
     salt: str = ""                                   # isolates its chunk keys (a tenant's, or the request's cache_salt)
+    salts: tuple[str, ...] = ()                      # one per chunk, where given: the salt of that chunk's key instead
 
     @property
     def end(self) -> int:
@@ -48,7 +49,7 @@ class BlendRequest:
             return None
         if not isinstance(raw, dict):
             raise RequestError("kv_transfer_params.cacheblend must be an object", "kv_transfer_params.cacheblend")
-        unknown = set(raw) - {"chunks", *BlendParams.__dataclass_fields__}
+        unknown = set(raw) - {"chunks", "salts", *BlendParams.__dataclass_fields__}
         if unknown:
             raise RequestError(f"unknown field(s) {sorted(unknown)}", "kv_transfer_params.cacheblend")
         spans = raw.get("chunks") or []
@@ -62,14 +63,17 @@ class BlendRequest:
                                    f"the last token of the {num_prompt_tokens}-token prompt",
                                    "kv_transfer_params.cacheblend.chunks")
             prev_end = e
-        params = BlendParams(**{k: v for k, v in raw.items() if k != "chunks"})
+        salts = raw.get("salts") or ()
+        if salts and (not isinstance(salts, list) or len(salts) != len(spans) or not all(isinstance(x, str) for x in salts)):
+            raise RequestError("salts must be a list of strings, one per chunk", "kv_transfer_params.cacheblend.salts")
+        params = BlendParams(**{k: v for k, v in raw.items() if k not in ("chunks", "salts")})
         if params.mode is not None and params.mode not in BLEND_MODES:
             raise RequestError(f"mode must be one of {', '.join(BLEND_MODES)} here (without a blend, send no "
                                f"cacheblend field)", "kv_transfer_params.cacheblend.mode")
         if not spans:
             return None
         mode, spec = resolve_blend(params, settings, num_layers, settings.recompute_ratio)
-        return cls(tuple((s, e) for s, e in spans), params, mode, spec, num_prompt_tokens, salt)
+        return cls(tuple((s, e) for s, e in spans), params, mode, spec, num_prompt_tokens, salt, tuple(salts))
 
 
 class VllmBlender:
@@ -92,10 +96,11 @@ class VllmBlender:
 
     def segments(self, token_ids: Sequence[int], request: BlendRequest) -> list[Segment]:
         out, pos = [], 0
-        for s, e in request.chunks:
+        salts = request.salts or (request.salt,) * len(request.chunks)
+        for (s, e), salt in zip(request.chunks, salts):
             if s > pos:
                 out.append(Segment("prefix", tuple(token_ids[pos:s])))
-            out.append(self.prefiller.chunk_segment(token_ids[s:e], request.salt))
+            out.append(self.prefiller.chunk_segment(token_ids[s:e], salt))
             pos = e
         if pos < len(token_ids):
             out.append(Segment("suffix", tuple(token_ids[pos:])))

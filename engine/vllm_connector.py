@@ -114,7 +114,7 @@ class CacheBlendConnector(KVConnectorBase_V1):
         self._requests[request.request_id] = blend
         # a blended block is approximate: salt the request's block hashes with its blend, so that
         # only the same blend of the same prompt can ever hit them
-        digest = hashlib.sha256(json.dumps([blend.chunks, vars(blend.params)], default=str).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(json.dumps([blend.chunks, blend.salts, vars(blend.params)], default=str).encode()).hexdigest()[:16]
         request.cache_salt = f"{request.cache_salt or ''}|cacheblend:{digest}"
         request.block_hashes.clear()
         request.update_block_hashes()

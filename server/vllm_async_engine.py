@@ -33,17 +33,20 @@ STORE_CLOSE_TIMEOUT_S = 60.0  # a flush to a slow tier (Redis, S3) at shutdown
 
 
 def blend_params(request: Request) -> Optional[dict]:
-    """`kv_transfer_params["cacheblend"]` for a request: its chunks' token spans and its
-    resolved blend (None: vLLM serves it alone, its prefix cache included). A chunk that ends
-    the prompt is left to vLLM: the last prompt token must be computed there."""
+    """`kv_transfer_params["cacheblend"]` for a request: its chunks' token spans, their salts
+    where one differs from the request's (a shared chunk's, or the tenant's under a cache_salt),
+    and its resolved blend (None: vLLM serves it alone, its prefix cache included). A chunk that
+    ends the prompt is left to vLLM: the last prompt token must be computed there."""
     if request.mode not in BLEND_MODES:
         return None
     n = request.num_prompt_tokens
-    chunks = [[s, e] for seg, (s, e) in zip(request.segments, spans(list(request.segments)))
+    chunks = [(seg, [s, e]) for seg, (s, e) in zip(request.segments, spans(list(request.segments)))
               if seg.kind == "chunk" and e < n]
     if not chunks:
         return None
-    params: dict[str, Any] = {"chunks": chunks, "mode": request.mode}
+    params: dict[str, Any] = {"chunks": [span for _, span in chunks], "mode": request.mode}
+    if any(seg.salt != request.salt for seg, _ in chunks):
+        params["salts"] = [seg.salt for seg, _ in chunks]
     if request.mode == "cacheblend":
         spec = request.spec
         params.update(check_layers=list(spec.check_layers), check_ratios=list(spec.ratios), selection_signal=spec.signal)

@@ -87,7 +87,7 @@ class VllmEngine:
     def chunk_segment(self, token_ids: Sequence[int], salt: str = "") -> Segment:
         ids = tuple(token_ids)
         fingerprint, kv_dtype, tag = self._keying
-        return Segment("chunk", ids, chunk_key(ids, fingerprint, kv_dtype, tag, salt))
+        return Segment("chunk", ids, chunk_key(ids, fingerprint, kv_dtype, tag, salt), salt)
 
     def chunk_from_text(self, text: str, salt: str = "") -> Segment:
         return self.chunk_segment(tokenize(self.tokenizer, text), salt)

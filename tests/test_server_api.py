@@ -191,8 +191,9 @@ def test_chat_and_completions_match_the_engine(client, model, chunk_ids, engine)
 
 
 def test_chunks_in_another_order_are_reused_from_the_store(client, model, chunk_ids):
-    for order in ([0, 1, 2], [2, 0, 1]):
-        response = chat(client, model, QUESTIONS[2], [chunk_ids[i] for i in order])
+    # a cache_salt isolates the request's own cache entries, never the registered chunks it names
+    for order, extra in (([0, 1, 2], {}), ([2, 0, 1], {}), ([1, 2, 0], {"cache_salt": "user-7"})):
+        response = chat(client, model, QUESTIONS[2], [chunk_ids[i] for i in order], **extra)
         info = response.cacheblend
         assert info["chunk_misses"] == 0
         assert sum(info["chunk_hits"].values()) == 3

@@ -184,6 +184,8 @@ def test_blend_request_parsing_names_the_field_at_fault():
     assert req.chunks == ((3, 40), (40, 90)) and req.params.recompute_ratio == 0.3 and req.salt == "t1"
     assert req.mode == "cacheblend" and req.spec.ratios == (0.3,)  # resolved once, on the scheduler side
     assert req.end == 99  # vLLM computes the last token over the blended KV
+    salted = BlendRequest.parse({"chunks": [[3, 40], [40, 90]], "salts": ["", "t2"]}, 100, settings, layers, salt="t1")
+    assert salted.salts == ("", "t2") and req.salts == ()
     for raw, param in [([1], "kv_transfer_params.cacheblend"),
                        ({"chunks": [[0, 10]], "ratio": 0.1}, "kv_transfer_params.cacheblend"),
                        ({"chunks": [[5, 5]]}, "kv_transfer_params.cacheblend.chunks"),
@@ -191,6 +193,8 @@ def test_blend_request_parsing_names_the_field_at_fault():
                        ({"chunks": [[0, 100]]}, "kv_transfer_params.cacheblend.chunks"),  # the last token is vLLM's
                        ({"chunks": [[0, 1.5]]}, "kv_transfer_params.cacheblend.chunks"),
                        ({"chunks": [[0, 10]], "mode": "full_prefill"}, "kv_transfer_params.cacheblend.mode"),
+                       ({"chunks": [[0, 10]], "salts": ["a", "b"]}, "kv_transfer_params.cacheblend.salts"),
+                       ({"chunks": [[0, 10]], "salts": [5]}, "kv_transfer_params.cacheblend.salts"),
                        ({"chunks": [[0, 10]], "recompute_ratio": 2.0}, "cacheblend.recompute_ratio")]:
         with pytest.raises(RequestError) as e:
             BlendRequest.parse(raw, 100, settings, layers)

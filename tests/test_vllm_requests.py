@@ -35,6 +35,10 @@ def test_chunks_become_token_spans_with_the_resolved_blend():
     assert blend_params(request(SEGMENTS[:1] + SEGMENTS[3:])) is None
     # a chunk that ends the prompt is left to vLLM, which must compute the last prompt token
     assert blend_params(request(SEGMENTS[:3]))["chunks"] == [[3, 7]]
+    # chunks keyed with another salt than the request's (a shared chunk: none) say theirs
+    assert "salts" not in blend_params(request(salt=""))
+    shared = (SEGMENTS[0], Segment("chunk", (4, 5, 6, 7), "k1", "t"), Segment("chunk", (8, 9), "k2", ""), SEGMENTS[3])
+    assert blend_params(request(shared, salt="t"))["salts"] == ["t", ""]
 
 
 def test_vllm_inputs_carry_the_tokens_salt_sampling_and_blend():
