@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from engine.llm_engine import LLMEngine
 from engine.request import Request, RequestOutput
@@ -138,6 +140,8 @@ class AsyncEngine:
     def _run(self) -> None:
         engine, scheduler = self.engine, self.engine.scheduler
         while True:
+            if not (self._stop or self._jobs or engine.has_work()):
+                release_free_memory()  # as the engine goes idle (unlocked: at worst one trim more or less)
             with self._cv:
                 while not (self._stop or self._jobs or engine.has_work()):
                     self._cv.wait()
@@ -169,6 +173,23 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
         except RuntimeError:  # the event loop is closed (shutdown)
             pass
+
+
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory freed by finished requests (their fused KV) back to the OS: glibc
+    keeps freed blocks for reuse, so an idle server's RSS would stay at its busiest level."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _run_job(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
