@@ -25,7 +25,7 @@ from typing import Optional
 import httpx
 
 from bench.dataset import DEFAULT_DATASET, PREFIX, chunk_texts, load, messages_for
-from bench.load_peer import SERVERS
+from bench.load_peer import SERVERS, stream_one
 from bench.stats import percentile
 
 MODES = ("full_prefill", "cacheblend")
@@ -66,29 +66,7 @@ async def _one_request(client: httpx.AsyncClient, model: str, messages: list[dic
                        mode: str, max_tokens: int) -> dict:
     body = {"model": model, "messages": messages, "chunks": chunk_ids, "cacheblend": {"mode": mode},
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    result = {"mode": mode, "ok": False, "ttft_s": None, "e2e_s": None, "completion_tokens": 0, "server": None}
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        if response.status_code != 200:
-            result["error"] = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')[:200]}"
-            return result
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                result["error"] = event["error"]["message"]
-                return result
-            if event["choices"] and event["choices"][0]["delta"].get("content") and result["ttft_s"] is None:
-                result["ttft_s"] = time.perf_counter() - start
-            if event.get("cacheblend"):
-                result["server"] = event["cacheblend"]
-            if event.get("usage"):
-                result["completion_tokens"] = event["usage"]["completion_tokens"]
-                result["prompt_tokens"] = event["usage"]["prompt_tokens"]
-    result["e2e_s"] = time.perf_counter() - start
-    result["ok"] = True
-    return result
+    return {"mode": mode, **await stream_one(client, "/v1/chat/completions", body)}
 
 
 async def _phase(client: httpx.AsyncClient, model: str, workload: list[tuple[list[dict], list[str]]], mode: str,

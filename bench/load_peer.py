@@ -55,9 +55,10 @@ def plan(records: list[Record], passages: int, phases: list[int], seed: int = 0)
 
 
 async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> dict:
-    """One streamed request: TTFT, the gaps between token events, tokens, errors."""
+    """One streamed request (chat or completion): TTFT, the gaps between token events, the
+    usage, the server's last `cacheblend` object, errors."""
     start = time.perf_counter()
-    result: dict = {"ok": False, "ttft_s": None, "gaps_s": [], "tokens": 0}
+    result: dict = {"ok": False, "ttft_s": None, "e2e_s": None, "gaps_s": [], "completion_tokens": 0, "server": None}
     last = None
     async with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
@@ -70,8 +71,11 @@ async def stream_one(client: httpx.AsyncClient, path: str, body: dict) -> dict:
             if "error" in event:
                 result["error"] = event["error"]["message"]
                 return result
+            if event.get("cacheblend"):
+                result["server"] = event["cacheblend"]
             if event.get("usage"):
-                result["tokens"] = event["usage"]["completion_tokens"]
+                result["completion_tokens"] = event["usage"]["completion_tokens"]
+                result["prompt_tokens"] = event["usage"]["prompt_tokens"]
             choice = event["choices"][0] if event.get("choices") else {}
             if choice.get("text") or (choice.get("delta") or {}).get("content"):
                 now = time.perf_counter()
@@ -141,7 +145,7 @@ async def phase(target: Target, jobs: list[tuple[Record, list[int]]], concurrenc
     return {"server": target.kind, "concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
             "wall_s": wall, "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
             "gap_p50_s": percentile(gaps, 50), "gap_p99_s": percentile(gaps, 99),
-            "requests_per_s": len(ok) / wall, "output_tokens_per_s": sum(r["tokens"] for r in ok) / wall}
+            "requests_per_s": len(ok) / wall, "output_tokens_per_s": sum(r["completion_tokens"] for r in ok) / wall}
 
 
 def start(kind: str, tmp: Path, model_dir: Path, dtype: str, compile_: bool):
