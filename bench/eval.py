@@ -107,13 +107,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="baseline modes besides full_prefill (always run) (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="greedy answer length cap (default: %(default)s)")
     p.add_argument("--variants", default=None, help=f"comma list of cacheblend variants to run side by side: {VARIANT_HELP}")
-    p.add_argument("--variant-ratio", type=float, default=0.15, help="recompute ratio of the variants (default: %(default)s)")
+    p.add_argument("--variant-ratios", "--variant-ratio", dest="variant_ratios", default="0.15",
+                   help="recompute ratios of the variants, each run at every one (default: %(default)s)")
     p.add_argument("--context-points", default="2,4,6,8,10",
                    help="passage counts for the TTFT-vs-context plot; 'none' skips it (default: %(default)s)")
     p.add_argument("--context-questions", type=int, default=3, help="questions per context point (default: %(default)s)")
     p.add_argument("--context-repeat", type=int, default=1, help="repeats per context point and question (default: %(default)s)")
     p.add_argument("--context-ratio", type=float, default=0.15, help="cacheblend ratio in the context sweep (default: %(default)s)")
-    p.add_argument("--json", type=Path, default=None, help="write config, rows, variants, context rows and per-question results here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write config, rows, variants, context rows and per-question results here (also after every question)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run whose --json file exists: its questions are kept, the others run")
     p.add_argument("--plots", type=Path, default=None, help="write PNG plots into this folder")
     p.set_defaults(func=run)
 
@@ -141,12 +145,39 @@ def config_of(args: argparse.Namespace, harness: Harness) -> dict:
     return cfg
 
 
-def run_plan(harness: Harness, records: list[ds.Record], plan: Plan, args: argparse.Namespace) -> tuple[list[dict], list[dict], list[dict]]:
+def run_plan(harness: Harness, records: list[ds.Record], plan: Plan, args: argparse.Namespace,
+             done: list[dict] = (), on_question=None) -> tuple[list[dict], list[dict], list[dict]]:
     """Every spec of `plan` on every record, as the common flags say: (rows, variant rows, per-question rows)."""
     res = evaluate(harness, records, plan.specs, num_passages=args.passages, max_new_tokens=args.max_new_tokens,
-                   warm=args.warm_prefix, progress=not args.no_progress)
+                   warm=args.warm_prefix, progress=not args.no_progress, done=done, on_question=on_question)
     rows, var_rows = summarize(plan, res["per_spec"])
     return rows, var_rows, res["questions"]
+
+
+RUN_ONLY = {"resume", "json", "plots", "no_progress", "threads", "torch_threads"}  # may differ on resume
+
+
+def earlier_run(args: argparse.Namespace, config: dict) -> tuple[list[dict], float]:
+    """(question rows, elapsed seconds) of the run `--resume` continues: the same configuration
+    but for RUN_ONLY keys; nothing without --resume."""
+    if not args.resume:
+        return [], 0.0
+    if args.json is None or not args.json.is_file():
+        raise SystemExit("--resume continues the run in --json FILE; give an existing file")
+    earlier = json.loads(args.json.read_text())
+    config = json.loads(json.dumps(config, default=str))  # as the file holds it (tuples as lists, paths as text)
+    differ = sorted(k for k in set(config) | set(earlier["config"])
+                    if k not in RUN_ONLY and config.get(k) != earlier["config"].get(k))
+    if differ:
+        raise SystemExit(f"--resume: {args.json} was run with other settings: {', '.join(differ)}")
+    return earlier["questions"], earlier.get("elapsed_s", 0.0)
+
+
+def write_json(path: Path, out: dict) -> None:
+    """Atomically: an interrupted run leaves the last complete file, never half of one."""
+    from kvstore.atomic import atomic_write
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(out, indent=2, default=str).encode())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,13 +188,21 @@ def run(args: argparse.Namespace) -> int:
     harness, records = setup(args)
     try:
         variants = parse_variants(args.variants, harness.default.model.cfg.num_layers)
-        plan = make_plan(harness, modes, parse_floats(args.ratios), variants, args.variant_ratio)
+        plan = make_plan(harness, modes, parse_floats(args.ratios), variants, parse_floats(args.variant_ratios))
+        config = config_of(args, harness)
+        done, elapsed_before = earlier_run(args, config)
         t0 = time.perf_counter()
-        rows, var_rows, questions = run_plan(harness, records, plan, args)
+
+        def checkpoint(questions: list[dict]) -> None:
+            if args.json:
+                write_json(args.json, {"config": config, "partial": True, "questions": questions,
+                                       "elapsed_s": elapsed_before + time.perf_counter() - t0})
+
+        rows, var_rows, questions = run_plan(harness, records, plan, args, done, checkpoint)
         points = [p for p in parse_ints(args.context_points) if p <= max(len(r.passages) for r in records)]
         ctx_rows = context_scaling(harness, records[: args.context_questions], points, args.context_ratio,
                                    args.context_repeat, args.warm_prefix, progress=not args.no_progress) if points else []
-        elapsed = time.perf_counter() - t0
+        elapsed = elapsed_before + time.perf_counter() - t0
         print(f"{len(records)} questions ({records[0].index}..{records[-1].index}), "
               f"{fmt(rows[0]['prompt_tokens'], '.0f')} prompt tokens on average, "
               f"{harness.default.model_name} on {harness.default.device}, {torch.get_num_threads()} threads, {elapsed:.0f} s")
@@ -177,13 +216,11 @@ def run(args: argparse.Namespace) -> int:
             print("\nTTFT median (s) vs context")
             print(format_context(ctx_rows))
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            out = {"config": config_of(args, harness), "rows": rows, "variants": var_rows, "context": ctx_rows,
-                   "questions": questions, "elapsed_s": elapsed}
-            args.json.write_text(json.dumps(out, indent=2, default=str))
+            write_json(args.json, {"config": config, "rows": rows, "variants": var_rows, "context": ctx_rows,
+                                   "questions": questions, "elapsed_s": elapsed})
         if args.plots:
             from bench import plots
-            written = plots.eval_plots(rows, ctx_rows, var_rows, args.plots)
+            written = plots.eval_plots(rows, ctx_rows, var_rows, args.plots, harness.settings.selection_signal)
             print("plots: " + ", ".join(str(p) for p in written))
     finally:
         harness.close()

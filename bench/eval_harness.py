@@ -19,7 +19,7 @@ import gc
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -181,23 +181,35 @@ def warm_up(harness: Harness, record: ds.Record) -> None:
 
 
 def evaluate(harness: Harness, records: Sequence[ds.Record], specs: Sequence[ModeSpec], *, num_passages: Optional[int],
-             max_new_tokens: int, warm: bool, progress: bool = True, warmup: bool = True) -> dict:
+             max_new_tokens: int, warm: bool, progress: bool = True, warmup: bool = True,
+             done: Sequence[dict] = (), on_question: Optional[Callable[[list[dict]], None]] = None) -> dict:
     """Run every spec on every record (full_prefill and full_reuse among them: the references).
 
     Returns {"per_spec": label -> per-question metric rows, "questions": one row per question
     with every spec's metrics}. The spec order is rotated from one question to the next so that
-    machine noise is spread over all of them.
+    machine noise is spread over all of them. `done`: question rows of an interrupted run of the
+    same plan, taken as they are; `on_question(questions)` is called after each new question.
     """
     from tqdm import tqdm
 
     specs = list(specs)
     per_spec: dict[str, list[dict]] = {s.label: [] for s in specs}
     questions = []
-    if warmup and records:
-        warm_up(harness, records[0])
+    earlier = {q["index"]: q for q in done}
+    if warmup and any(r.index not in earlier for r in records):
+        warm_up(harness, next(r for r in records if r.index not in earlier))
     watch = next((s.label for s in specs if s.mode == "cacheblend"), None)  # shown on the progress bar
     bar = tqdm(records, desc="eval", unit="q", disable=not progress, file=sys.stderr)
     for qi, rec in enumerate(bar):
+        if rec.index in earlier:
+            q = earlier[rec.index]
+            missing = [s.label for s in specs if s.label not in q["results"]]
+            if missing:
+                raise ValueError(f"question {rec.index} of the earlier run lacks {missing}: not the same plan")
+            for spec in specs:
+                per_spec[spec.label].append(q["results"][spec.label])
+            questions.append(q)
+            continue
         segments = {}
         for key, engine in harness.engines.items():
             if any(s.engine == key for s in specs):
@@ -222,6 +234,8 @@ def evaluate(harness: Harness, records: Sequence[ds.Record], specs: Sequence[Mod
                 drop_chunks(engine, segments[key])
         del outcomes
         gc.collect()
+        if on_question is not None:
+            on_question(questions)
         if progress and watch:
             bar.set_postfix(kl=f"{mean([x['kl_first_token'] for x in per_spec[watch]]):.3f}",
                             f1=f"{mean([x['f1'] for x in per_spec['full_prefill']]):.2f}")

@@ -58,7 +58,7 @@ VARIANTS: list[Column] = [
 NAMES = {"kl_vs_full_reuse": "KL/reuse", "kl_below_full_reuse": "KL<reuse", "agreement_f1": "agreeF1",
          "exact_match": "EM", "top1_agreement": "top1"}
 INTERVAL_COLUMNS: list[Column] = [
-    ("mode", lambda r: f"variant:{r['variant']}" if "variant" in r else r["label"], -20), ("n", lambda r: str(r["n"]), 4),
+    ("mode", lambda r: f"variant:{r['variant']}@{r['ratio']:g}" if "variant" in r else r["label"], -24), ("n", lambda r: str(r["n"]), 4),
 ] + [with_interval(NAMES[k], k) for k in ["kl_vs_full_reuse"] + INTERVALS]
 
 

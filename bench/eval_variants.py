@@ -28,10 +28,13 @@ class Variant:
             return "default"
         return ",".join(f"{k}={v}" for k, v in sorted(self.engine_overrides.items()))
 
-    def spec(self, ratio: float) -> ModeSpec:
+    def spec(self, ratio: float, tagged: bool = False) -> ModeSpec:
+        """The variant at `ratio` (a schedule keeps its own ratios); `tagged` puts the ratio in the
+        label, for a variant run at several ratios."""
         r = self.check_ratios[-1] if self.check_ratios else ratio
-        return ModeSpec(f"variant:{self.name}", "cacheblend", r, self.check_layers, self.check_ratios,
-                        self.selection_signal, self.engine_key)
+        label = f"variant:{self.name}@{r:g}" if tagged and not self.check_ratios else f"variant:{self.name}"
+        return ModeSpec(label, "cacheblend", r, self.check_layers, self.check_ratios, self.selection_signal,
+                        self.engine_key)
 
 
 ALL_VARIANTS = "default,head4,prefix_ctx,gradual,value_signal,key_signal,check0,check2,check3,random_sel"
@@ -117,9 +120,10 @@ class Plan:
 
 
 def make_plan(harness: Harness, modes: Sequence[str], ratios: Sequence[float], variants: Sequence[Variant],
-              variant_ratio: float) -> Plan:
+              variant_ratios: Sequence[float]) -> Plan:
     """full_prefill (the reference), the baseline `modes`, cacheblend at each ratio, then the
-    variants at `variant_ratio`, each with its engine's full_reuse; engines are added to `harness`."""
+    variants at each of `variant_ratios`, each with its engine's full_reuse; engines are added to
+    `harness`."""
     sweep = [base_spec("full_prefill")] + [base_spec(m) for m in modes if m in ("prefix_cache", "full_reuse")]
     sweep += [cacheblend_spec(r) for r in ratios]
     if not any(s.mode == "full_reuse" for s in sweep):
@@ -129,13 +133,16 @@ def make_plan(harness: Harness, modes: Sequence[str], ratios: Sequence[float], v
     var_rows = []
     for v in variants:
         harness.add_engine(v.engine_key, v.engine_overrides)
-        spec = v.spec(variant_ratio)
-        spec = seen.setdefault(spec.identity, spec)
-        if spec not in specs:
-            specs.append(spec)
         reuse = seen.setdefault(base_spec("full_reuse", v.engine_key).identity, base_spec("full_reuse", v.engine_key))
+        for ratio in variant_ratios:
+            spec = v.spec(ratio, tagged=len(variant_ratios) > 1)
+            if any(row[0] is v and row[1].identity == spec.identity for row in var_rows):
+                continue  # a schedule: the same run at every ratio
+            spec = seen.setdefault(spec.identity, spec)
+            if spec not in specs:
+                specs.append(spec)
+            var_rows.append((v, spec, reuse))
         if reuse not in specs:
             specs.append(reuse)
-        var_rows.append((v, spec, reuse))
     return Plan(specs, sweep, var_rows)
 

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 BASELINE_STYLE = {"full_prefill": ("tab:green", "--"), "prefix_cache": ("tab:olive", ":"), "full_reuse": ("tab:red", "-.")}
 MODE_COLORS = {"full_prefill": "tab:green", "prefix_cache": "tab:olive", "full_reuse": "tab:red", "cacheblend": "tab:blue"}
@@ -89,7 +90,8 @@ def ttft_vs_context(rows: list[dict], path: Path, title: str = "") -> Path:
 
 
 def variants_bar(rows: list[dict], path: Path, reference: Optional[dict] = None) -> Path:
-    names = [r["variant"] for r in rows]
+    several = len({r["variant"] for r in rows}) < len(rows)  # a variant at several ratios
+    names = [f"{r['variant']}@{r['ratio']:g}" if several else r["variant"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     axes[0].bar(names, [r["kl_first_token"] or 0 for r in rows], color="tab:blue")
     if reference and reference.get("kl_first_token") is not None:
@@ -152,10 +154,46 @@ def throughput_vs_ttft(rows: list[dict], path: Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def eval_plots(rows: list[dict], context_rows: list[dict], variant_rows: list[dict], folder: Path) -> list[Path]:
+def frontier(rows: list[dict], variant_rows: list[dict], path: Path, signal: str, title: str = "") -> Path:
+    """Quality vs TTFT, one curve per selection signal: the sweep (the configured `signal`) and
+    every signal variant at its ratios; full_prefill and full_reuse as points."""
+    curves = {f"{signal} (configured)": _cacheblend(rows)}
+    for r in variant_rows:
+        if r["variant"] != "default":
+            curves.setdefault(r["variant"], []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    for ax, metric, label in ((axes[0], "kl_vs_full_reuse", "first-token KL / full_reuse's (mean ratio)"),
+                              (axes[1], "agreement_f1", "agreement F1 with full_prefill")):
+        for name, pts in curves.items():
+            pts = sorted((p for p in pts if p.get(metric) is not None and p.get("ttft_median_s")),
+                         key=lambda p: p["ttft_median_s"])
+            if not pts:
+                continue
+            line, = ax.plot([p["ttft_median_s"] for p in pts], [p[metric] for p in pts], "o-", label=name)
+            for p in pts:
+                ax.annotate(f"r={p['ratio']:g}", (p["ttft_median_s"], p[metric]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=line.get_color())
+        for mode, row in _baselines(rows).items():
+            if mode != "prefix_cache" and row.get(metric) is not None and row.get("ttft_median_s"):
+                color, _ = BASELINE_STYLE[mode]
+                ax.plot(row["ttft_median_s"], row[metric], "s", color=color, label=mode)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.set_xlabel("TTFT median (s, log scale)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "Quality vs TTFT: the frontier per selection signal")
+    return _save(fig, path)
+
+
+def eval_plots(rows: list[dict], context_rows: list[dict], variant_rows: list[dict], folder: Path, signal: str) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    out = [quality_vs_ratio(rows, folder / "quality_vs_ratio.png"), ttft_vs_ratio(rows, folder / "ttft_vs_ratio.png")]
+    out = [quality_vs_ratio(rows, folder / "quality_vs_ratio.png"), ttft_vs_ratio(rows, folder / "ttft_vs_ratio.png"),
+           frontier(rows, variant_rows, folder / "frontier.png", signal)]
     if context_rows:
         out.append(ttft_vs_context(context_rows, folder / "ttft_vs_context.png"))
     if variant_rows:

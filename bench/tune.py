@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--metric {args.metric} needs answers: pass --max-new-tokens (e.g. 32)")
     harness, records = ev.setup(args)
     try:
-        plan = make_plan(harness, ["full_reuse"], ev.parse_floats(args.ratios), [], 0.15)
+        plan = make_plan(harness, ["full_reuse"], ev.parse_floats(args.ratios), [], [])
         t0 = time.perf_counter()
         rows, _, questions = ev.run_plan(harness, records, plan, args)
         chosen, best = choose(rows, args.metric, args.tolerance)

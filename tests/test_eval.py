@@ -94,7 +94,7 @@ def test_eval_end_to_end(tmp_path, capsys):
     assert all(r["ttft_median_s"] > 0 for r in ctx)
 
     names = sorted(p.name for p in plots.iterdir())
-    assert names == ["quality_vs_ratio.png", "ttft_vs_context.png", "ttft_vs_ratio.png", "variants.png"]
+    assert names == ["frontier.png", "quality_vs_ratio.png", "ttft_vs_context.png", "ttft_vs_ratio.png", "variants.png"]
     for p in plots.iterdir():
         assert_png(p)
 
@@ -104,6 +104,43 @@ def test_eval_end_to_end(tmp_path, capsys):
 def test_eval_refuses_reserved_questions(flags):
     with pytest.raises(SystemExit, match="reserved"):
         cli_main(["eval", "--dataset", str(DATA)] + flags)
+
+
+@needs_data
+def test_eval_variants_at_several_ratios_and_an_interrupted_run_resumed(tmp_path, capsys):
+    """A signal variant runs at each --variant-ratios value (a curve of the frontier plot), the
+    JSON is saved after every question, and --resume keeps the saved questions and runs the rest."""
+    out = tmp_path / "eval.json"
+    flags = SMALL + ["--questions", "0-1", "--ratios", "0.15", "--modes", "full_reuse", "--variants", "value_signal",
+                     "--variant-ratios", "0.05,0.15", "--context-points", "none", "--json", str(out)]
+    assert cli_main(["eval"] + flags) == 0
+    whole = json.loads(out.read_text())
+    assert "partial" not in whole
+    assert [(v["variant"], v["ratio"]) for v in whole["variants"]] == [("value_signal", 0.05), ("value_signal", 0.15)]
+    low, high = whole["variants"]
+    assert low["tokens_recomputed"] < high["tokens_recomputed"]
+    assert "variant:value_signal@0.05" in capsys.readouterr().out
+
+    # interrupted after the first question: that is what the file holds then
+    first = {"config": whole["config"], "partial": True, "questions": whole["questions"][:1], "elapsed_s": 1.0}
+    first["questions"][0]["results"]["full_reuse"]["answer"] = "kept as saved"
+    out.write_text(json.dumps(first))
+    assert cli_main(["eval"] + flags + ["--resume"]) == 0
+    resumed = json.loads(out.read_text())
+    assert [q["index"] for q in resumed["questions"]] == [0, 1] and "partial" not in resumed
+    assert resumed["questions"][0]["results"]["full_reuse"]["answer"] == "kept as saved"  # not run again
+    again, before = resumed["questions"][1]["results"], whole["questions"][1]["results"]
+    assert set(again) == set(before)
+    for label in before:  # run again, in the same way
+        assert again[label]["kl_first_token"] == pytest.approx(before[label]["kl_first_token"], rel=1e-3, abs=1e-6)
+        assert again[label]["tokens_recomputed"] == before[label]["tokens_recomputed"]
+    assert resumed["elapsed_s"] > 1.0
+
+    # a different plan cannot continue it
+    other = list(flags)
+    other[other.index("--ratios") + 1] = "0.1"
+    with pytest.raises(SystemExit, match="other settings: ratios"):
+        cli_main(["eval"] + other + ["--resume"])
 
 
 @needs_data
