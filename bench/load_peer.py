@@ -196,13 +196,13 @@ def format_row(r: dict) -> str:
 def run_peer(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
-    from engine.device import resolve_device, resolve_dtype
-    from engine.loader import resolve_model_dir
     from config.settings import Settings
+    from engine.loader import resolve_model_dir
+    from engine.vllm_config import vllm_dtype
 
     settings = Settings()
     model_dir = resolve_model_dir(settings.model, settings.data_dir)
-    dtype = str(resolve_dtype(settings.dtype, resolve_device(settings.device))).removeprefix("torch.")
+    dtype = vllm_dtype(settings)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     print(f"dtype {dtype}, {'compiled' if args.compile else 'eager'} vLLM, {args.passages} passages, "
           f"{args.max_tokens} output tokens, concurrency {args.concurrencies}", flush=True)

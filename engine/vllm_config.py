@@ -23,6 +23,12 @@ def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
 
 
+def vllm_dtype(settings: Settings) -> str:
+    """vLLM's `dtype` argument for our `dtype` setting, resolved on the device as the native engine does."""
+    from engine.device import resolve_device, resolve_dtype
+    return str(resolve_dtype(settings.dtype, resolve_device(settings.device))).removeprefix("torch.")
+
+
 def connector_settings(settings: Settings) -> dict[str, Any]:
     """The settings the connector gets through `kv_connector_extra_config` (JSON values)."""
     return settings.model_dump(mode="json", exclude=_SERVER_ONLY, exclude_defaults=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from config.settings import Settings
-from engine.device import resolve_device, resolve_dtype
+from engine.device import resolve_device
 from engine.loader import resolve_model_dir, served_name
 from engine.model import ModelConfig
 from engine.prompt import chat_segments, completion_segments
@@ -25,7 +25,7 @@ from engine.request import BlendParams, Request
 from engine.resolve import resolve_request
 from engine.sampling import SamplingParams
 from engine.segments import Segment, tokenize
-from engine.vllm_config import engine_args, vllm_env
+from engine.vllm_config import engine_args, vllm_dtype, vllm_env
 from kvstore.keys import chunk_key
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,7 @@ def load_vllm(settings: Settings, loop: asyncio.AbstractEventLoop, stat_loggers:
         for name, value in vllm_env().items():
             os.environ.setdefault(name, value)  # the operator's own VLLM_CPU_* win
     model_dir = resolve_model_dir(settings.model, settings.data_dir)
-    dtype = str(resolve_dtype(settings.dtype, device)).removeprefix("torch.")
-    args = engine_args(settings, model_dir, dtype)
+    args = engine_args(settings, model_dir, vllm_dtype(settings))
     log.info("starting vLLM's engine with the CacheBlend connector: %s",
              {k: v for k, v in args.items() if k != "kv_transfer_config"})
     llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args, disable_log_stats=True), stat_loggers=stat_loggers)
