@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     # --- scheduling and decoding ---
     max_num_seqs: int = Field(16, ge=1, description="Requests decoded together in one batch")
     max_queue: int = Field(64, ge=1, description="Waiting requests before new ones get 503")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="While streams are decoding, a prefill advances layer by layer until its layers have computed this many tokens, then every stream gets its next token (a prefill with nobody decoding runs to its end); lower: smoother streams, later first tokens")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="While streams are decoding, a prefill advances by this many computed tokens per step (whole layers, or rows of one: chunked prefill inside a layer), then every stream gets its next token (a prefill with nobody decoding runs to its end); lower: smoother streams, later first tokens")
     seed: int = Field(0, description="Default sampling seed")
 
     # --- chunk KV store ---

@@ -19,6 +19,7 @@ cache with an exact causal mask by position.
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Optional, TypeVar
@@ -103,24 +104,43 @@ def run_to_end(steps: Generator[object, None, T]) -> T:
             return done.value
 
 
-def run_for(steps: Generator[int, None, T], budget: int) -> tuple[Optional[T], int]:
-    """Advance a prefill (it yields each layer's computed tokens) until its layers have computed
-    `budget` tokens, at least one layer: (its result if it finished, else None (it can go on),
-    the tokens computed)."""
+def run_for(steps: Generator[int, Optional[int], T], budget: int) -> tuple[Optional[T], int]:
+    """Advance a prefill until it has computed `budget` tokens: each piece it yields reports its
+    computed tokens, and what is left of the budget goes back in as the next piece's row limit
+    (a piece has at least MIN_PIECE_ROWS rows). Returns (its result if it finished, else None (it
+    can go on), the tokens computed)."""
     spent = 0
     while spent < budget:
         try:
-            spent += next(steps)
+            fresh = inspect.getgeneratorstate(steps) == inspect.GEN_CREATED
+            spent += next(steps) if fresh else steps.send(budget - spent)
         except StopIteration as done:
             return done.value, spent
     return None, spent
 
 
+MIN_PIECE_ROWS = 64  # fewer rows per GEMM and attention call cost more in overhead than they bound
+
+
+def _piece_end(start: int, rows: int, limit: Optional[int]) -> int:
+    return rows if limit is None else min(rows, start + max(int(limit), MIN_PIECE_ROWS))
+
+
+def _pause(stats: PrefillStats, computed: int) -> Generator[int, Optional[int], Optional[int]]:
+    """Yield a piece's computed tokens; the caller's row limit for the next piece comes back."""
+    t = time.perf_counter()
+    limit = yield computed
+    stats.paused_s += time.perf_counter() - t
+    return limit
+
+
 @torch.inference_mode()
-def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache: KVCache) -> Generator[int, None, PrefillResult]:
-    """The blend prefill, yielding after every layer the tokens it computed there (so a run can
-    be paused: between decode steps, or for a request that comes first)."""
-    t_start = time.perf_counter()
+def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
+                        cache: KVCache) -> Generator[int, Optional[int], PrefillResult]:
+    """The blend prefill in pieces, yielding after each the tokens it computed, so a run can be
+    paused (between decode steps, or for a request that comes first). A piece is a whole layer,
+    or, when the caller sends a row limit, that many of a layer's rows (chunked prefill inside a
+    layer: a check layer projects its rows in pieces, then selects and finishes in one)."""
     c = model.cfg
     N = inp.token_ids.numel()
     dev = model.device
@@ -147,17 +167,17 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
     first_check = min(spec.check_layers) if spec.check_layers else None
 
     pre_rope = torch.empty((c.num_layers, c.num_kv_heads, N, c.head_dim), dtype=model.dtype, device=dev) if inp.collect_pre_rope else None
+    limit = yield 0                                         # the caller's row limit (None: whole layers)
+    t_start = time.perf_counter()
     h = model.embed(inp.token_ids[active])                  # [S, hidden]
-    plan = None                                             # attention masks for the current `active`
+    plan = None                                             # attention masks for the whole current `active`
     for layer in range(c.num_layers):
-        t_layer = time.perf_counter()
+        t_layer, paused, piece = time.perf_counter(), stats.paused_s, 0
+        last = layer == c.num_layers - 1
         K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
         V = cache.v[layer, :, :N]
-        q, k, v = model.qkv(layer, h)                       # pre-RoPE, [H|Hkv, S, D]
-        computed = int(active.numel())
-        stats.computed_per_layer.append(computed)
-        if pre_rope is not None:
-            pre_rope[layer][:, active] = k
+        S = int(active.numel())
+        stats.computed_per_layer.append(S)
         if inp.exact_len:
             K[:, : inp.exact_len] = inp.exact_kv[0][layer]
             V[:, : inp.exact_len] = inp.exact_kv[1][layer]
@@ -170,6 +190,17 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
                 K[:, s:e] = kc                              # pre-RoPE until placed below
                 V[:, s:e] = vc
         if layer in check:
+            # the selection ranks every active token's fresh K/V: project them all (in pieces) first
+            parts, a = [], 0
+            while a < S:
+                b = _piece_end(a, S, limit)
+                parts.append(model.qkv(layer, h[a:b]))      # pre-RoPE, [H|Hkv, b - a, D]
+                if b < S:
+                    limit = yield from _pause(stats, b - a)
+                a, piece = b, b - a
+            q, k, v = (torch.cat(t, dim=1) for t in zip(*parts))
+            if pre_rope is not None:
+                pre_rope[layer][:, active] = k
             t0 = time.perf_counter()
             is_cand = is_cached[active]                     # [S] active chunk tokens
             cand_pos = active[is_cand]
@@ -193,25 +224,46 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec, 
             stats.candidates[layer] = cand_pos.tolist()
             stats.deviation[layer] = deviation
             stats.selection_s += time.perf_counter() - t0
-        if needs_chunk_kv:
             K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)  # place chunk K at its positions
-        K[:, active] = model.rotate(k, active, N)
-        V[:, active] = v
-        q = model.rotate(q, active, N)
-        if layer in check:
+            K[:, active] = model.rotate(k, active, N)
+            V[:, active] = v
+            q = model.rotate(q, active, N)
             q, h, active = q[:, keep_mask], h[keep_mask], active[keep_mask]
-            plan = None
-        if layer == c.num_layers - 1:
-            # only the last token's output is needed past the final KV write
-            q, h, active = q[:, -1:], h[-1:], active[-1:]
-            plan = None
-        if plan is None:
+            if last:  # only the last token's output is needed past the final KV write
+                q, h, active = q[:, -1:], h[-1:], active[-1:]
             plan = CausalPlan(active, N, model.dtype)
-        h = model.finish_layer(layer, h, causal_attention(q, K, V, plan))
-        t_yield = time.perf_counter()
-        stats.layer_compute_s.append(t_yield - t_layer)
-        yield computed
-        stats.paused_s += time.perf_counter() - t_yield
+            h = model.finish_layer(layer, h, causal_attention(q, K, V, plan))
+        else:
+            if needs_chunk_kv:
+                K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)
+            h_next, a = None, 0
+            while a < S:
+                b = _piece_end(a, S, limit)
+                pos = active[a:b]
+                q, k, v = model.qkv(layer, h[a:b])          # pre-RoPE, [H|Hkv, b - a, D]
+                if pre_rope is not None:
+                    pre_rope[layer][:, pos] = k
+                K[:, pos] = model.rotate(k, pos, N)
+                V[:, pos] = v
+                if last:  # only the last token's output is needed past the final KV write
+                    if b == S:
+                        h_next = model.finish_layer(layer, h[-1:], causal_attention(
+                            model.rotate(q[:, -1:], pos[-1:], N), K, V, CausalPlan(pos[-1:], N, model.dtype)))
+                elif a == 0 and b == S:  # the whole layer: its masks serve every layer until `active` changes
+                    plan = plan or CausalPlan(active, N, model.dtype)
+                    h_next = model.finish_layer(layer, h, causal_attention(model.rotate(q, pos, N), K, V, plan))
+                else:
+                    h_next = torch.empty_like(h) if h_next is None else h_next
+                    h_next[a:b] = model.finish_layer(layer, h[a:b], causal_attention(
+                        model.rotate(q, pos, N), K, V, CausalPlan(pos, N, model.dtype)))
+                if b < S:
+                    limit = yield from _pause(stats, b - a)
+                a, piece = b, b - a
+            h = h_next
+            if last:
+                active = active[-1:]
+        stats.layer_compute_s.append(time.perf_counter() - t_layer - (stats.paused_s - paused))
+        limit = yield from _pause(stats, piece)
     logits = model.logits(h[-1:])[0]
     cache.length = N
     stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s - stats.paused_s

@@ -2,8 +2,8 @@
 
 `make_request` resolves a request once (length, blend spec). `step()` does one unit of work as
 the scheduler decides: one decode step for the running batch, and a slice of the prefill in
-progress (layers, up to `max_num_batched_tokens` computed tokens; all of it when nobody is
-decoding), whose first token is sampled as soon as it ends; when idle, one step of a quality
+progress (`max_num_batched_tokens` computed tokens: whole layers or rows of one; all of it
+when nobody is decoding), whose first token is sampled as soon as it ends; when idle, one step of a quality
 re-run. So a stream's next token never waits for a whole prefill of another request. Requests
 join and leave the decode batch between steps (continuous batching). The engine is driven by
 one thread; `add_request` and `abort` may be called from any thread.

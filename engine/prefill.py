@@ -87,8 +87,8 @@ class Prefiller:
     # --- prefill ----------------------------------------------------------------------------
 
     def steps(self, segments: Sequence[Segment], mode: str, spec: BlendSpec, capacity: int, remember: bool = True,
-              token_scores: Optional[torch.Tensor] = None, salt: str = "") -> Generator[int, None, Prefilled]:
-        """The prefill, yielding after every layer. `remember`: put the exact leading segments
+              token_scores: Optional[torch.Tensor] = None, salt: str = "") -> Generator[int, Optional[int], Prefilled]:
+        """The prefill, yielding after every piece (a layer, or part of one: see blend_prefill_steps). `remember`: put the exact leading segments
         into the prefix cache now (serving does it after the first token, off the TTFT path).
         `salt`: the request's, for the prefix cache (chunk and turn keys already carry it)."""
         ids = token_ids(segments)
@@ -113,7 +113,7 @@ class Prefiller:
         spans_ = [span for _, span in chunks]
         keys = [seg.chunk_key for seg, _ in chunks]
 
-        def blend(source: _ChunkSource) -> Generator[int, None, PrefillResult]:
+        def blend(source: _ChunkSource) -> Generator[int, Optional[int], PrefillResult]:
             inp = PrefillInput(ids_t, forced, exact_len, exact_kv, spans_, source.layer if chunks else None,
                                chunk_sensitivity=source.sensitivity, token_scores=token_scores)
             return blend_prefill_steps(self.model, inp, spec, cache)

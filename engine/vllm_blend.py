@@ -87,8 +87,8 @@ class VllmBlender:
         self.prefiller = Prefiller(self.model, tokenizer, self.store, Precompute.for_settings(tokenizer, settings),
                                    PrefixCache(0), settings.recompute_chunk_head, reuse_turns=False)
 
-    def blend_steps(self, token_ids: Sequence[int], request: BlendRequest) -> Generator[int, None, Prefilled]:
-        """The blend, yielding after every layer the tokens it computed there (so that vLLM can
+    def blend_steps(self, token_ids: Sequence[int], request: BlendRequest) -> Generator[int, Optional[int], Prefilled]:
+        """The blend, yielding after every piece (a layer or part of one) the tokens it computed (so that vLLM can
         run forward steps for other requests in between); returns the prefill: the prompt's
         fused KV (`result.cache`, [L, Hkv, N, D], post-RoPE K) and how it was made."""
         segments = self.segments(token_ids, request)

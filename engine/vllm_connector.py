@@ -11,8 +11,8 @@ Scheduler side: such a request's blocks are salted with its blend (its KV is app
 must never be an exact prefix hit for another request; an identical blend may share them), and
 the whole prompt but its last token is reported as provided by the connector, loaded
 asynchronously: the request waits while others run. Worker side: the blend of that span runs on
-vLLM's own layers, a few layers per engine step (`max_num_batched_tokens` computed tokens, as in
-the native engine), between vLLM's forward passes, so running streams keep decoding; when it
+vLLM's own layers, `max_num_batched_tokens` computed tokens per engine step (whole layers or
+rows of one, as in the native engine), between vLLM's forward passes, so running streams keep decoding; when it
 ends, its KV is written into vLLM's paged cache at the request's slots by the attention
 backend's own writer and the request is reported loaded. vLLM then computes the last prompt
 token over it, with its own kernels, and decodes as usual.

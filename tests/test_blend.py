@@ -159,13 +159,41 @@ def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(setti
 def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():
     from engine.blend import run_for
 
+    sent = []
+
     def steps():
         for computed in (5, 3, 4):
-            yield computed
+            sent.append((yield computed))
         return "done"
 
     gen = steps()
-    assert run_for(gen, 6) == (None, 8)      # at least the budget, whole layers
-    assert run_for(gen, 1) == (None, 4)      # at least one layer
+    assert run_for(gen, 6) == (None, 8)      # at least the budget, whole pieces
+    assert run_for(gen, 1) == (None, 4)      # at least one piece
     assert run_for(gen, 100) == ("done", 0)  # ends: its result
+    assert sent == [1, 1, 100]               # the budget left goes in as the next piece's row limit
     assert run_for(steps(), 100) == ("done", 12)
+
+
+def test_a_prefill_split_inside_its_layers_equals_the_whole(engine):
+    """Driven by a small budget, a prefill computes parts of a layer (chunked prefill inside a
+    layer, the check layer's projections too) and gives the same result as whole layers."""
+    from engine.blend import MIN_PIECE_ROWS, run_for
+
+    segs = rag_segments(engine)
+    for blend in ({"mode": "cacheblend", "recompute_ratio": 0.15}, {"mode": "full_prefill"}):
+        whole = prefill(engine, segs, **blend).result
+        req = engine.make_request("p", segs, blend=BlendParams(**blend))
+        engine.prefix_cache.clear()
+        steps, spends, done = engine.prefiller.steps(segs, req.mode, req.spec, 0, remember=False), [], None
+        while done is None:
+            done, spent = run_for(steps, 150)
+            spends.append(spent)
+        N = whole.stats.num_tokens
+        assert whole.stats.computed_per_layer[0] == N > 150  # so layer 0 is split
+        assert max(spends) < 150 + MIN_PIECE_ROWS and sum(spends) == sum(whole.stats.computed_per_layer)
+        assert done.result.stats.computed_per_layer == whole.stats.computed_per_layer
+        assert done.result.stats.selected == whole.stats.selected
+        assert torch.allclose(done.result.logits, whole.logits, atol=LOGIT_ATOL)
+        for layer in (0, 1, 2, engine.model.cfg.num_layers - 1):
+            assert torch.allclose(done.result.cache.k[layer, :, :N], whole.cache.k[layer, :, :N], atol=LOGIT_ATOL)
+            assert torch.allclose(done.result.cache.v[layer, :, :N], whole.cache.v[layer, :, :N], atol=LOGIT_ATOL)

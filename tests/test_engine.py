@@ -45,13 +45,22 @@ def test_requests_join_a_running_batch(engine):
 
 
 def test_a_stream_keeps_decoding_while_another_request_prefills(engine, monkeypatch):
-    """Between the layers of a prefill the running streams get their next token (a step's budget
-    of computed tokens, here one layer a step); every answer equals the one it gets alone."""
+    """Between the pieces of a prefill the running streams get their next token (a step's budget
+    of computed tokens, here the smallest piece: MIN_PIECE_ROWS rows of a layer, so a long layer
+    is split); every answer equals the one it gets alone."""
+    from engine.blend import MIN_PIECE_ROWS, run_for
+
     monkeypatch.setattr(engine, "settings", engine.settings.model_copy(update={"max_num_batched_tokens": 1}))
     a = engine.make_request("a", segments(engine), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-    b = engine.make_request("b", segments(engine, "What is Dijon famous for?"), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
-                            BlendParams(mode="cacheblend"))
+    b = engine.make_request("b", segments(engine, "What is Dijon famous for?", PASSAGES),
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), BlendParams(mode="cacheblend"))
     alone = {r.request_id: run(engine, r)[r.request_id]["token_ids"] for r in (a, b)}
+    steps, pieces, done = engine.prefiller.steps(b.segments, b.mode, b.spec, b.num_prompt_tokens, remember=False, salt=b.salt), 0, None
+    while done is None:  # one call a step, as the engine makes them
+        done, _ = run_for(steps, 1)
+        pieces += 1
+    layer0 = done.result.stats.computed_per_layer[0]
+    assert layer0 > MIN_PIECE_ROWS and pieces > engine.model.cfg.num_layers  # its first layers come in parts
     engine.add_request(a)
     first = engine.step()
     assert [o.request_id for o in first] == ["a"]  # nobody decoding: the prefill runs to its end
@@ -61,7 +70,7 @@ def test_a_stream_keeps_decoding_while_another_request_prefills(engine, monkeypa
         for out in engine.step():
             got[out.request_id] += out.token_ids
             a_during_b += out.request_id == "a" and not got["b"]
-    assert a_during_b == engine.model.cfg.num_layers + 1  # beside each layer of b's prefill, and its logits
+    assert a_during_b == pieces  # beside each piece of b's prefill, and the step that ends it (its logits)
     assert got == alone
 
 
