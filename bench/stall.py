@@ -67,6 +67,8 @@ def measure(engine, stream, others, idle_tokens: int) -> dict:
                 times += [now] * len(out.token_ids)
             elif out.request_id not in first:
                 first[out.request_id] = now
+                if len(first) == len(others):
+                    engine.abort(stream.request_id)  # measured: the stream has decoded through every prefill
     gaps = [b - a for a, b in zip(times, times[1:])]
     idle = gaps[:idle_tokens - 1]
     last_first = max(first.values())
@@ -84,10 +86,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for budget in budgets:
         engine.settings = engine.settings.model_copy(update={"max_num_batched_tokens": budget})
-        # long enough to decode through every prefill, one token per layer at the smallest budget
-        stream_tokens = args.idle_tokens + (args.prefills + 1) * (engine.model.cfg.num_layers + 2)
-        stream = _request(engine, f"stream-{budget}", records[0], args.stream_passages, stream_tokens)
         others = [_request(engine, f"r{i}-{budget}", r, args.passages, 4) for i, r in enumerate(records[1:])]
+        # as long as the context allows: it decodes through every prefill, then is aborted
+        stream = _request(engine, f"stream-{budget}", records[0], args.stream_passages, None)
         row = {"budget": "whole" if budget >= WHOLE else budget, **measure(engine, stream, others, args.idle_tokens)}
         rows.append(row)
         print(f"budget {row['budget']:>6}: stream gap alone {row['idle_gap_p50_s']:.3f} s; while {args.prefills} prefill: "
