@@ -198,7 +198,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 if b < S:
                     limit = yield from _pause(stats, b - a)
                 a, piece = b, b - a
-            q, k, v = (torch.cat(t, dim=1) for t in zip(*parts))
+            q, k, v = parts[0] if len(parts) == 1 else (torch.cat(t, dim=1) for t in zip(*parts))
             if pre_rope is not None:
                 pre_rope[layer][:, active] = k
             t0 = time.perf_counter()
