@@ -260,8 +260,6 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                     limit = yield from _pause(stats, b - a)
                 a, piece = b, b - a
             h = h_next
-            if last:
-                active = active[-1:]
         stats.layer_compute_s.append(time.perf_counter() - t_layer - (stats.paused_s - paused))
         limit = yield from _pause(stats, piece)
     logits = model.logits(h[-1:])[0]
