@@ -29,7 +29,7 @@ import torch
 from engine.attention import CausalPlan, causal_attention
 from engine.model import Transformer
 from engine.request import BlendSpec
-from engine.selection import kv_deviation, num_selected, select_hkvd, select_pooled
+from engine.selection import kv_deviation, num_selected, select_hkvd, select_pooled, span_sensitivity
 
 T = TypeVar("T")
 ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
@@ -126,6 +126,13 @@ def _piece_end(start: int, rows: int, limit: Optional[int]) -> int:
     return rows if limit is None else min(rows, start + max(int(limit), MIN_PIECE_ROWS))
 
 
+def _layer_out(model: Transformer, layer: int, h: torch.Tensor, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
+               plan: CausalPlan) -> torch.Tensor:
+    """Rows' attention over the fused cache, then the rest of their layer.
+    h: [R, hidden], q: [H, R, D] post-RoPE at plan.q_pos; K, V: [Hkv, N, D] -> next hidden [R, hidden]."""
+    return model.finish_layer(layer, h, causal_attention(q, K, V, plan))
+
+
 def _pause(stats: PrefillStats, computed: int) -> Generator[int, Optional[int], Optional[int]]:
     """Yield a piece's computed tokens; the caller's row limit for the next piece comes back."""
     t = time.perf_counter()
@@ -140,7 +147,8 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
     """The blend prefill in pieces, yielding after each the tokens it computed, so a run can be
     paused (between decode steps, or for a request that comes first). A piece is a whole layer,
     or, when the caller sends a row limit, that many of a layer's rows (chunked prefill inside a
-    layer: a check layer projects its rows in pieces, then selects and finishes in one)."""
+    layer: a check layer projects its rows in pieces, then selects, then finishes its kept rows
+    in pieces)."""
     c = model.cfg
     N = inp.token_ids.numel()
     dev = model.device
@@ -195,7 +203,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
             while a < S:
                 b = _piece_end(a, S, limit)
                 parts.append(model.qkv(layer, h[a:b]))      # pre-RoPE, [H|Hkv, b - a, D]
-                if b < S:
+                if limit is not None:  # split: the selection and kept rows come in pieces of their own
                     limit = yield from _pause(stats, b - a)
                 a, piece = b, b - a
             q, k, v = parts[0] if len(parts) == 1 else (torch.cat(t, dim=1) for t in zip(*parts))
@@ -213,7 +221,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 fresh = (k if spec.signal == "key" else v)[:, is_cand]
                 deviation = kv_deviation(fresh, (K if spec.signal == "key" else V)[:, cand_pos])
             pooled = spec.signal == "sensitivity" and layer == first_check and inp.token_scores is None
-            sensitivity = span_sensitivity(inp, N, dev) if pooled else None
+            sensitivity = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev) if pooled else None
             if sensitivity is not None:
                 keep = select_pooled(deviation, sensitivity[cand_pos], num_keep, num_selected(spec.pool, n_chunk))
             else:
@@ -231,8 +239,20 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
             q, h, active = q[:, keep_mask], h[keep_mask], active[keep_mask]
             if last:  # only the last token's output is needed past the final KV write
                 q, h, active = q[:, -1:], h[-1:], active[-1:]
-            plan = CausalPlan(active, N, model.dtype)
-            h = model.finish_layer(layer, h, causal_attention(q, K, V, plan))
+            plan, S = None, int(active.numel())
+            h_next, a = None, 0
+            while a < S:  # every K, V of this layer is written: the kept rows attend in any pieces
+                b = _piece_end(a, S, limit)
+                if a == 0 and b == S:
+                    plan = CausalPlan(active, N, model.dtype)
+                    h_next = _layer_out(model, layer, h, q, K, V, plan)
+                else:
+                    h_next = torch.empty_like(h) if h_next is None else h_next
+                    h_next[a:b] = _layer_out(model, layer, h[a:b], q[:, a:b], K, V, CausalPlan(active[a:b], N, model.dtype))
+                if b < S:
+                    limit = yield from _pause(stats, b - a)
+                a, piece = b, b - a
+            h = h_next
         else:
             if needs_chunk_kv:
                 K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)
@@ -247,15 +267,14 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 V[:, pos] = v
                 if last:  # only the last token's output is needed past the final KV write
                     if b == S:
-                        h_next = model.finish_layer(layer, h[-1:], causal_attention(
-                            model.rotate(q[:, -1:], pos[-1:], N), K, V, CausalPlan(pos[-1:], N, model.dtype)))
+                        h_next = _layer_out(model, layer, h[-1:], model.rotate(q[:, -1:], pos[-1:], N), K, V,
+                                            CausalPlan(pos[-1:], N, model.dtype))
                 elif a == 0 and b == S:  # the whole layer: its masks serve every layer until `active` changes
                     plan = plan or CausalPlan(active, N, model.dtype)
-                    h_next = model.finish_layer(layer, h, causal_attention(model.rotate(q, pos, N), K, V, plan))
+                    h_next = _layer_out(model, layer, h, model.rotate(q, pos, N), K, V, plan)
                 else:
                     h_next = torch.empty_like(h) if h_next is None else h_next
-                    h_next[a:b] = model.finish_layer(layer, h[a:b], causal_attention(
-                        model.rotate(q, pos, N), K, V, CausalPlan(pos, N, model.dtype)))
+                    h_next[a:b] = _layer_out(model, layer, h[a:b], model.rotate(q, pos, N), K, V, CausalPlan(pos, N, model.dtype))
                 if b < S:
                     limit = yield from _pause(stats, b - a)
                 a, piece = b, b - a
@@ -267,19 +286,3 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
     stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s - stats.paused_s
     return PrefillResult(cache, logits, stats, pre_rope)
 
-
-def span_sensitivity(inp: PrefillInput, N: int, dev: torch.device) -> Optional[torch.Tensor]:
-    """[N] sensitivity of every prompt position (0 outside chunks); None when no span has one
-    (then plain value deviation ranks). A span without one (a turn: its KV is cut from a
-    request, never probed) counts as a typical chunk token, the median. On dev conversations
-    (questions 4-11) first-token KL: 0.078, against 0.088 ranking every span by value deviation
-    and 0.090 preferring the turn's tokens."""
-    per_span = inp.chunk_sensitivity() if inp.chunk_sensitivity is not None else []
-    known = [s for s in per_span if s is not None]
-    if len(per_span) != len(inp.chunk_spans) or not known:
-        return None
-    typical = torch.cat(known).float().median()
-    out = torch.zeros(N, dtype=torch.float32, device=dev)
-    for (s, e), sens in zip(inp.chunk_spans, per_span):
-        out[s:e] = sens.to(dev) if sens is not None else typical
-    return out

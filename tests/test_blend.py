@@ -176,21 +176,26 @@ def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():
 
 def test_a_prefill_split_inside_its_layers_equals_the_whole(engine):
     """Driven by a small budget, a prefill computes parts of a layer (chunked prefill inside a
-    layer, the check layer's projections too) and gives the same result as whole layers."""
+    layer, the check layer's projections and kept rows too) and gives the same result as whole layers."""
     from engine.blend import MIN_PIECE_ROWS, run_for
 
     segs = rag_segments(engine)
-    for blend in ({"mode": "cacheblend", "recompute_ratio": 0.15}, {"mode": "full_prefill"}):
+    for seg in (s for s in segs if s.kind == "chunk"):
+        engine.ensure_chunk(seg)  # stored first: every prefill reads the same (storage-dtype) chunk KV
+    # budget 150: pieces of up to 150 rows; 1: of MIN_PIECE_ROWS, so the check layer's kept rows split too
+    for blend, budget in (({"mode": "cacheblend", "recompute_ratio": 0.15}, 150), ({"mode": "cacheblend", "recompute_ratio": 0.15}, 1),
+                          ({"mode": "full_prefill"}, 150)):
         whole = prefill(engine, segs, **blend).result
         req = engine.make_request("p", segs, blend=BlendParams(**blend))
         engine.prefix_cache.clear()
         steps, spends, done = engine.prefiller.steps(segs, req.mode, req.spec, 0, remember=False), [], None
         while done is None:
-            done, spent = run_for(steps, 150)
+            done, spent = run_for(steps, budget)
             spends.append(spent)
-        N = whole.stats.num_tokens
-        assert whole.stats.computed_per_layer[0] == N > 150  # so layer 0 is split
-        assert max(spends) < 150 + MIN_PIECE_ROWS and sum(spends) == sum(whole.stats.computed_per_layer)
+        N, per_layer = whole.stats.num_tokens, whole.stats.computed_per_layer
+        kept_rows = sum(per_layer[layer + 1] for layer in req.spec.check_layers)  # a check layer's rows run twice: projected, then the kept ones finished
+        assert per_layer[0] == N > 150 and kept_rows in ((0,) if req.spec.check_layers == () else range(MIN_PIECE_ROWS + 1, 150))
+        assert max(spends) < budget + MIN_PIECE_ROWS and sum(spends) == sum(per_layer) + kept_rows
         assert done.result.stats.computed_per_layer == whole.stats.computed_per_layer
         assert done.result.stats.selected == whole.stats.selected
         assert torch.allclose(done.result.logits, whole.logits, atol=LOGIT_ATOL)

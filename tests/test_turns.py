@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import PASSAGES
-from engine.blend import KVCache, PrefillInput, blend_prefill, span_sensitivity
+from engine.blend import KVCache, PrefillInput, blend_prefill
+from engine.selection import span_sensitivity
 from engine.prompt import chat_segments, turn_ids
 from engine.quality import first_token_kl
 from engine.request import BlendParams, BlendSpec
@@ -43,11 +44,9 @@ def test_reply_positions_need_the_generation_prompt_and_the_fed_tokens():
 
 def test_a_turn_span_ranks_as_a_typical_chunk_token_by_sensitivity():
     chunk = torch.tensor([1.0, 5.0, 3.0])
-    inp = PrefillInput(torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.bool), chunk_spans=[(1, 4), (5, 7)],
-                       chunk_sensitivity=lambda: [chunk, None])
-    assert span_sensitivity(inp, 8, torch.device("cpu")).tolist() == [0, 1, 5, 3, 0, 3, 3, 0]
-    only_turns = PrefillInput(inp.token_ids, inp.forced, chunk_spans=[(5, 7)], chunk_sensitivity=lambda: [None])
-    assert span_sensitivity(only_turns, 8, torch.device("cpu")) is None  # value deviation alone
+    cpu = torch.device("cpu")
+    assert span_sensitivity([chunk, None], [(1, 4), (5, 7)], 8, cpu).tolist() == [0, 1, 5, 3, 0, 3, 3, 0]
+    assert span_sensitivity([None], [(5, 7)], 8, cpu) is None  # value deviation alone
 
 
 def test_earlier_messages_become_keyed_turns_with_the_same_tokens(engine):
