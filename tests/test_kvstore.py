@@ -1036,6 +1036,33 @@ class _ShortReads:
         return ChunkKV(kv.keys[:0], kv.values[:0], kv.first_layer, kv.tier)
 
 
+class _CountedReads:
+    """A store that records the first layer of every read."""
+
+    def __init__(self, store) -> None:
+        self.store, self.first_layers = store, []
+
+    def get(self, key, layers=None):
+        self.first_layers.append(layers.start)
+        return self.store.get(key, layers)
+
+
+def test_layer_prefetcher_reads_only_a_few_layers_ahead_of_the_consumer(tmp_path: Path) -> None:
+    """A paused prefill must not have all its chunk KV decoded at once beside the engine's work."""
+    from kvstore.prefetch import LOOKAHEAD
+
+    assert L > LOOKAHEAD + 1
+    with make_store(tmp_path) as s:
+        s.put(key_of(0), make_kv(0))
+        reads = _CountedReads(s)
+        with LayerPrefetcher(reads, [key_of(0)], L) as pf:
+            pf.layer(0)
+            time.sleep(0.3)  # time enough to read every layer, were it not bounded
+            assert max(reads.first_layers) <= LOOKAHEAD
+            pf.layer(L - 1)  # asking further lets it go on
+            assert reads.first_layers == list(range(L))
+
+
 def test_layer_prefetcher_reports_a_dead_loader_instead_of_hanging(tmp_path: Path) -> None:
     with make_store(tmp_path) as s:
         s.put(key_of(0), make_kv(0))
