@@ -1,12 +1,14 @@
 """`cacheblend bench stall`: how long a running stream waits for its next token while other
-requests prefill, at several step budgets (`max_num_batched_tokens`), in one process.
+requests prefill, at several step budgets (`max_num_batched_tokens`, `max_itl_slowdown`), in
+one process.
 
 One greedy stream (a dev-split question with `--stream-passages` passages) decodes alone for
 `--idle-tokens` tokens; then `--prefills` cacheblend requests arrive at once (the next dev
 questions, `--passages` passages each, chunk KV stored beforehand) and are prefilled one after
-the other while the stream goes on. Per budget: the stream's inter-token gap alone (p50) and
+the other while the stream goes on. Per budget pair: the stream's inter-token gap alone (p50) and
 while the others prefill (p50, p99, max), and the others' TTFT (p50, max). A budget larger than
-any prompt ("whole") is the old behaviour: a prefill runs to its end before anyone decodes.
+any prompt ("whole") with slowdown 0 is the old behaviour: a prefill runs to its end before
+anyone decodes.
 The engine runs on this thread (no server), so the numbers are the engine's own.
 """
 
@@ -30,7 +32,8 @@ WHOLE = 1 << 30  # a budget no prompt reaches
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stall", help="a running stream's inter-token gap while other requests prefill, per step budget")
     p.add_argument("--dataset", type=Path, default=DEFAULT_DATASET)
-    p.add_argument("--budgets", default=f"{WHOLE},8192,2048,512", help="comma list of max_num_batched_tokens (default: whole, 8192, 2048, 512)")
+    p.add_argument("--budgets", default=f"{WHOLE},8192,512", help="comma list of max_num_batched_tokens (default: whole, 8192, 512)")
+    p.add_argument("--slowdowns", default="0,3", help="comma list of max_itl_slowdown, each run at every budget (default: 0, 3)")
     p.add_argument("--prefills", type=int, default=3, help="requests that arrive while the stream decodes")
     p.add_argument("--passages", type=int, default=10, help="passages (chunks) per arriving request")
     p.add_argument("--stream-passages", type=int, default=2)
@@ -83,18 +86,21 @@ def run(args: argparse.Namespace) -> int:
     engine = bench_engine(args, kv_disk_bytes=0)
     records = load(args.dataset)[: 1 + args.prefills]
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    slowdowns = [float(x) for x in args.slowdowns.split(",") if x.strip()]
     rows = []
-    for budget in budgets:
-        engine.settings = engine.settings.model_copy(update={"max_num_batched_tokens": budget})
-        others = [_request(engine, f"r{i}-{budget}", r, args.passages, 4) for i, r in enumerate(records[1:])]
-        # as long as the context allows: it decodes through every prefill, then is aborted
-        stream = _request(engine, f"stream-{budget}", records[0], args.stream_passages, None)
-        row = {"budget": "whole" if budget >= WHOLE else budget, **measure(engine, stream, others, args.idle_tokens)}
-        rows.append(row)
-        print(f"budget {row['budget']:>6}: stream gap alone {row['idle_gap_p50_s']:.3f} s; while {args.prefills} prefill: "
-              f"p50 {row['gap_p50_s']:.3f} p99 {row['gap_p99_s']:.3f} max {row['gap_max_s']:.3f} s "
-              f"(p99 {row['gap_p99_s'] / row['idle_gap_p50_s']:.1f}x alone); their TTFT p50 {row['ttft_p50_s']:.2f} "
-              f"max {row['ttft_max_s']:.2f} s", flush=True)
+    for slowdown in slowdowns:
+        for budget in budgets:
+            engine.settings = engine.settings.model_copy(update={"max_num_batched_tokens": budget, "max_itl_slowdown": slowdown})
+            name = f"{'whole' if budget >= WHOLE else budget}/{slowdown:g}"
+            others = [_request(engine, f"r{i}-{name}", r, args.passages, 4) for i, r in enumerate(records[1:])]
+            # as long as the context allows: it decodes through every prefill, then is aborted
+            stream = _request(engine, f"stream-{name}", records[0], args.stream_passages, None)
+            row = {"budget": "whole" if budget >= WHOLE else budget, "slowdown": slowdown, **measure(engine, stream, others, args.idle_tokens)}
+            rows.append(row)
+            print(f"budget {row['budget']:>6}, slowdown {slowdown:g}: stream gap alone {row['idle_gap_p50_s']:.3f} s; while "
+                  f"{args.prefills} prefill: p50 {row['gap_p50_s']:.3f} p99 {row['gap_p99_s']:.3f} max {row['gap_max_s']:.3f} s "
+                  f"(p99 {row['gap_p99_s'] / row['idle_gap_p50_s']:.1f}x alone); their TTFT p50 {row['ttft_p50_s']:.2f} "
+                  f"max {row['ttft_max_s']:.2f} s", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items() if k != "func"}, "rows": rows}, indent=2))

@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     # --- scheduling and decoding ---
     max_num_seqs: int = Field(16, ge=1, description="Requests decoded together in one batch")
     max_queue: int = Field(64, ge=1, description="Waiting requests before new ones get 503")
-    max_num_batched_tokens: int = Field(8192, ge=1, description="While streams are decoding, a prefill advances by this many computed tokens per step (whole layers, or rows of one: chunked prefill inside a layer), then every stream gets its next token (a prefill with nobody decoding runs to its end); lower: smoother streams, later first tokens")
+    max_num_batched_tokens: int = Field(8192, ge=1, description="While streams are decoding, a prefill advances by at most this many computed tokens per step (whole layers, or rows of one: chunked prefill inside a layer), then every stream gets its next token (a prefill with nobody decoding runs to its end); lower: smoother streams, later first tokens")
+    max_itl_slowdown: float = Field(0.0, ge=0.0, description="While streams are decoding, each step's prefill piece is also sized (from the measured cost of a computed token) so the step lasts at most this many times its decode alone: a stream's inter-token gap while others prefill; 0 (default): by max_num_batched_tokens alone (first tokens and throughput first); 3: smoother streams under load, for later first tokens and fewer requests/s (BENCHMARKS.md). Native engine")
     seed: int = Field(0, description="Default sampling seed")
 
     # --- chunk KV store ---
@@ -146,6 +147,8 @@ class Settings(BaseSettings):
         check_layer_rules(self.check_layers)
         if self.check_ratios is not None:
             check_ratio_rules(self.check_ratios, len(self.check_layers))
+        if 0 < self.max_itl_slowdown <= 1:
+            raise ValueError("max_itl_slowdown must be 0 (off) or above 1 (a step is its decode plus a prefill piece)")
         if self.document_overlap_tokens >= self.document_chunk_tokens:
             raise ValueError("document_overlap_tokens must be smaller than document_chunk_tokens")
         if self.controller_min_ratio > self.controller_max_ratio:

@@ -2,11 +2,12 @@
 
 `make_request` resolves a request once (length, blend spec). `step()` does one unit of work as
 the scheduler decides: one decode step for the running batch, and a slice of the prefill in
-progress (`max_num_batched_tokens` computed tokens: whole layers or rows of one; all of it
-when nobody is decoding), whose first token is sampled as soon as it ends; when idle, one step of a quality
-re-run. So a stream's next token never waits for a whole prefill of another request. Requests
-join and leave the decode batch between steps (continuous batching). The engine is driven by
-one thread; `add_request` and `abort` may be called from any thread.
+progress (`max_num_batched_tokens` computed tokens: whole layers or rows of one; fewer, so the
+step lasts at most `max_itl_slowdown` decode steps; all of it when nobody is decoding), whose
+first token is sampled as soon as it ends; when idle, one step of a quality re-run. So a
+stream's next token never waits for a whole prefill of another request. Requests join and
+leave the decode batch between steps (continuous batching). The engine is driven by one thread;
+`add_request` and `abort` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections import deque
 from typing import Optional, Sequence as Seq
 
 import torch
@@ -33,7 +35,7 @@ from engine.quality_runs import QualityJob, QualityMonitor
 from engine.request import BlendParams, Request, RequestOutput
 from engine.resolve import resolve_blend, resolve_request
 from engine.sampling import Sampler, SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, prefill_budget
 from engine.segments import Segment
 from engine.sequence import Sequence
 from engine.stats import RequestStats, record_prefill
@@ -42,6 +44,9 @@ from kvstore import build_store
 from kvstore.base import ChunkStore
 
 log = logging.getLogger(__name__)
+
+DECODE_DECAY = 0.7    # weight of the past in a decode step's usual cost
+ROW_COST_PIECES = 16  # prefill pieces whose cost per computed token is remembered
 
 
 class LLMEngine:
@@ -64,6 +69,11 @@ class LLMEngine:
         self.turns = TurnKeeper(model, tokenizer, self.store, self.prefiller.turn_key) if settings.turn_reuse else None
         self.quality = QualityMonitor(settings, self.prefiller, self.eos_ids)
         self.scheduler: Scheduler[Sequence] = Scheduler(settings.max_num_seqs, settings.max_queue)
+        # seconds per computed token of the last prefill pieces; the dearest sizes the next, as a
+        # cheap kind (a check layer's projections: 10 us a row, against 180 us for whole rows)
+        # would otherwise buy a piece of dear rows 10x too long
+        self._row_costs: deque[float] = deque(maxlen=ROW_COST_PIECES)
+        self._decode_s: Optional[float] = None  # seconds per decode step (moving average; follows drops at once)
 
     @property
     def cfg(self):
@@ -125,10 +135,17 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         outputs = [self._finish(seq, "abort") for seq in sched.aborted]
+        budget = None  # nobody decoding: the prefill runs to its end
         if sched.decode:
+            t0 = time.perf_counter()
             outputs += self._decode(sched.decode)
+            decode_s = time.perf_counter() - t0
+            # the usual decode step, unless this one was faster: a hiccup must not buy a longer piece
+            usual = decode_s if self._decode_s is None else DECODE_DECAY * self._decode_s + (1 - DECODE_DECAY) * decode_s
+            self._decode_s = min(decode_s, usual)
+            budget = prefill_budget(self.settings.max_num_batched_tokens, len(sched.decode), self._decode_s,
+                                    max(self._row_costs, default=None), self.settings.max_itl_slowdown)
         if sched.prefill is not None:
-            budget = max(1, self.settings.max_num_batched_tokens - len(sched.decode)) if sched.decode else None
             out = self._advance_prefill(sched.prefill, budget)
             if out is not None:
                 outputs.append(out)
@@ -146,12 +163,19 @@ class LLMEngine:
         """Run `seq`'s prefill (started on its first call) for `budget` computed tokens (None: to
         its end); its first token's output once it ends."""
         req, st = seq.request, seq.stats
-        if seq.prefill is None:
+        fresh = seq.prefill is None  # its first call also looks up, allocates and computes missed chunks
+        if fresh:
             st.queue_s = time.perf_counter() - req.arrival_time
             seq.prefill = self.prefiller.steps(req.segments, req.mode, req.spec,
                                                req.num_prompt_tokens + req.sampling.max_tokens, remember=False, salt=req.salt)
         try:
-            pre = run_to_end(seq.prefill) if budget is None else run_for(seq.prefill, budget)[0]
+            if budget is None:
+                pre = run_to_end(seq.prefill)
+            else:
+                t0 = time.perf_counter()
+                pre, rows = run_for(seq.prefill, budget)
+                if rows and not fresh:  # what a computed token costs now (prompt length and mode move it)
+                    self._row_costs.append((time.perf_counter() - t0) / rows)
             if pre is None:
                 return None  # the streams decode, then it goes on
             seq.prefill = None

@@ -8,7 +8,8 @@ engine advances it between decode steps. `add` and `abort` may be called from an
 Admission: the oldest waiting request, except that after a prefill a waiting request that
 shares chunks with it goes first (that chunk's KV is hot), skipping an older one at most
 `max_skips` times. At most `max_num_seqs` requests run; more than `max_queue` waiting is refused.
-Background work (quality re-runs) runs only when the output says `idle`.
+Background work (quality re-runs) runs only when the output says `idle`. `prefill_budget` sizes
+the piece of the prefill that runs beside a decode step.
 """
 
 from __future__ import annotations
@@ -143,3 +144,17 @@ class Scheduler(Generic[S]):
         self._waiting.remove(chosen)
         self._last_keys = chosen.seq.chunk_keys
         return chosen.seq
+
+
+PROBE_ROWS = 64  # the first piece, while a computed token's cost is not yet measured
+
+
+def prefill_budget(max_rows: int, decoding: int, decode_s: float, row_s: Optional[float], slowdown: float) -> int:
+    """Computed tokens (rows) of the prefill in progress to run after a decode step of `decoding`
+    streams that took `decode_s`: at most `max_rows` less the decode rows (vLLM's
+    max_num_batched_tokens counts both) and, with `slowdown` > 1, few enough that the whole step
+    lasts about `slowdown` decode steps, at `row_s` seconds a row (None: not measured yet)."""
+    rows = max(1, max_rows - decoding)
+    if slowdown > 1:
+        rows = min(rows, PROBE_ROWS if row_s is None else max(1, int((slowdown - 1) * decode_s / row_s)))
+    return rows

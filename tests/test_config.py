@@ -43,6 +43,8 @@ def test_bool_flags():
     {"check_layers": [1], "check_ratios": [0.1, 0.2]},
     {"mode": "turbo"},
     {"selection_signal": "query"},
+    {"max_itl_slowdown": 1.0},   # no time left for a prefill beside a decode
+    {"max_itl_slowdown": -2.0},
 ])
 def test_invalid_values_are_rejected(bad):
     with pytest.raises(ValidationError):

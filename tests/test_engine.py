@@ -74,6 +74,33 @@ def test_a_stream_keeps_decoding_while_another_request_prefills(engine, monkeypa
     assert got == alone
 
 
+def test_max_itl_slowdown_splits_a_prefill_the_token_budget_would_not(engine, monkeypatch):
+    """With no token budget to speak of, the time policy alone sizes the pieces: the first two
+    PROBE_ROWS (a computed token's cost is not known yet), the next so a step lasts about
+    `max_itl_slowdown` decode steps. Without it the prefill runs whole beside one decode step."""
+    from collections import deque
+
+    a = engine.make_request("a", segments(engine), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    b = engine.make_request("b", segments(engine, "What is Dijon famous for?", PASSAGES),
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), BlendParams(mode="cacheblend"))
+    alone = {r.request_id: run(engine, r)[r.request_id]["token_ids"] for r in (a, b)}
+    a_during_b = {}
+    for slowdown in (0.0, 3.0):
+        monkeypatch.setattr(engine, "settings", engine.settings.model_copy(
+            update={"max_num_batched_tokens": 1 << 30, "max_itl_slowdown": slowdown}))
+        monkeypatch.setattr(engine, "_row_costs", deque(maxlen=4))  # nothing measured yet
+        engine.add_request(a)
+        got, a_during_b[slowdown] = {"a": list(engine.step()[0].token_ids), "b": []}, 0
+        engine.add_request(b)
+        while engine.has_work():
+            for out in engine.step():
+                got[out.request_id] += out.token_ids
+                a_during_b[slowdown] += out.request_id == "a" and not got["b"]
+        assert got == alone
+    assert a_during_b[0.0] == 1          # one decode step, then b's whole prefill
+    assert a_during_b[3.0] >= 3          # two probe pieces at least, then measured ones
+
+
 def test_max_tokens_finishes_with_length(engine):
     r = engine.make_request("len", segments(engine), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     out = run(engine, r)["len"]

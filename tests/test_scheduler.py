@@ -1,5 +1,5 @@
 """engine/scheduler.py on its own (no model): admission order by shared chunks, the skip
-bound, max_num_seqs, the queue bound, aborts and draining."""
+bound, max_num_seqs, the queue bound, aborts and draining; the size of a step's prefill piece."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.scheduler import QueueFull, Scheduler
+from engine.scheduler import PROBE_ROWS, QueueFull, Scheduler, prefill_budget
 
 
 @dataclass(eq=False)
@@ -116,3 +116,15 @@ def test_drain_returns_everything_in_flight():
     s.add(b)
     assert s.drain() == [b, a]
     assert not s.has_work() and s.schedule().idle
+
+
+def test_a_prefill_piece_keeps_the_step_within_the_slowdown_of_its_decode():
+    # 4 streams decoded in 0.05 s, a computed token costs 0.1 ms: at slowdown 3 the piece gets
+    # the other 2 decode steps' time, 0.1 s = 1,000 rows
+    assert prefill_budget(8192, 4, 0.05, 1e-4, 3.0) == 1000
+    assert prefill_budget(8192, 4, 0.20, 1e-4, 3.0) == 4000          # a slower decode allows more
+    assert prefill_budget(512, 4, 0.05, 1e-4, 3.0) == 508            # the token budget still caps it
+    assert prefill_budget(8192, 4, 0.05, None, 3.0) == PROBE_ROWS    # cost unknown: a small piece measures it
+    assert prefill_budget(8192, 4, 0.0001, 1e-4, 3.0) == 2           # never nothing
+    assert prefill_budget(8192, 4, 0.05, 1e-4, 0.0) == 8188          # 0: the token budget alone
+    assert prefill_budget(2, 4, 0.05, 1e-4, 0.0) == 1
