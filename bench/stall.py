@@ -91,11 +91,12 @@ def run(args: argparse.Namespace) -> int:
     for slowdown in slowdowns:
         for budget in budgets:
             engine.settings = engine.settings.model_copy(update={"max_num_batched_tokens": budget, "max_itl_slowdown": slowdown})
-            name = f"{'whole' if budget >= WHOLE else budget}/{slowdown:g}"
+            label = "whole" if budget >= WHOLE else budget
+            name = f"{label}/{slowdown:g}"
             others = [_request(engine, f"r{i}-{name}", r, args.passages, 4) for i, r in enumerate(records[1:])]
             # as long as the context allows: it decodes through every prefill, then is aborted
             stream = _request(engine, f"stream-{name}", records[0], args.stream_passages, None)
-            row = {"budget": "whole" if budget >= WHOLE else budget, "slowdown": slowdown, **measure(engine, stream, others, args.idle_tokens)}
+            row = {"budget": label, "slowdown": slowdown, **measure(engine, stream, others, args.idle_tokens)}
             rows.append(row)
             print(f"budget {row['budget']:>6}, slowdown {slowdown:g}: stream gap alone {row['idle_gap_p50_s']:.3f} s; while "
                   f"{args.prefills} prefill: p50 {row['gap_p50_s']:.3f} p99 {row['gap_p99_s']:.3f} max {row['gap_max_s']:.3f} s "

@@ -80,6 +80,8 @@ def test_max_itl_slowdown_splits_a_prefill_the_token_budget_would_not(engine, mo
     `max_itl_slowdown` decode steps. Without it the prefill runs whole beside one decode step."""
     from collections import deque
 
+    from engine.llm_engine import ROW_COST_PIECES
+
     a = engine.make_request("a", segments(engine), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     b = engine.make_request("b", segments(engine, "What is Dijon famous for?", PASSAGES),
                             SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), BlendParams(mode="cacheblend"))
@@ -88,7 +90,7 @@ def test_max_itl_slowdown_splits_a_prefill_the_token_budget_would_not(engine, mo
     for slowdown in (0.0, 3.0):
         monkeypatch.setattr(engine, "settings", engine.settings.model_copy(
             update={"max_num_batched_tokens": 1 << 30, "max_itl_slowdown": slowdown}))
-        monkeypatch.setattr(engine, "_row_costs", deque(maxlen=4))  # nothing measured yet
+        monkeypatch.setattr(engine, "_row_costs", deque(maxlen=ROW_COST_PIECES))  # nothing measured yet
         engine.add_request(a)
         got, a_during_b[slowdown] = {"a": list(engine.step()[0].token_ids), "b": []}, 0
         engine.add_request(b)
