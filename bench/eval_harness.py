@@ -28,7 +28,7 @@ from bench.eval_metrics import compare
 from bench.stats import mean
 from config import load_settings
 from config.settings import Settings
-from engine.blend import run_to_end
+from engine.steps import run_to_end
 from engine.decode import greedy_steps
 from engine.llm_engine import LLMEngine
 from engine.quality import first_token_kl

@@ -40,7 +40,7 @@ class Variant:
 ALL_VARIANTS = "default,head4,prefix_ctx,gradual,value_signal,key_signal,check0,check2,check3,random_sel"
 VARIANT_HELP = ("default | headN (recompute the first N tokens of every chunk) | prefix_ctx / sink_ctx (chunk KV "
                 "precomputed after the prompt prefix / a sink token) | gradual (check layers 1,8,16 at ratios "
-                ".2,.15,.1) | sched:1=.2/20=.05 (check layers and their ratios) | key_signal / value_signal / sensitivity_signal | checkN (one check layer N) | random_sel (control: as many "
+                ".2,.15,.1) | sched:1=.2/20=.05 (check layers and their ratios) | key_signal / value_signal / sensitivity_signal / stored_signal | poolS (sensitivity with pool share S) | checkN (one check layer N) | random_sel (control: as many "
                 f"tokens chosen at random instead of by deviation); 'all' = {ALL_VARIANTS}")
 
 
@@ -69,8 +69,20 @@ def parse_variant(name: str, num_layers: int) -> Variant:
     if name == "sensitivity_signal":
         return Variant(name, "HKVD: the most context-sensitive of the most value-deviating tokens",
                        {"selection_signal": "sensitivity"}, selection_signal="sensitivity")
+    if name == "stored_signal":
+        return Variant(name, "HKVD: the most context-sensitive chunk tokens alone, chosen before layer 0 (check layer 0)",
+                       {"selection_signal": "stored"}, check_layers=(0,), selection_signal="stored")
     if name == "random_sel":
         return Variant(name, "control: the same number of chunk tokens, chosen at random", selection_signal="random")
+    if name.startswith("pool"):
+        try:
+            share = float(name[4:])
+        except ValueError:
+            raise ValueError(f"variant {name}: write poolSHARE, e.g. pool0.7") from None
+        if not 0 < share <= 1:
+            raise ValueError(f"variant {name}: the pool share must be in (0, 1]")
+        return Variant(name, f"sensitivity signal, the {share:g} most value-deviating chunk tokens as its pool",
+                       {"sensitivity_pool": share, "selection_signal": "sensitivity"}, selection_signal="sensitivity")
     if name.startswith("sched:"):
         return _schedule(name, num_layers)
     if name.startswith("check") and name[5:].isdigit():

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Mode = Literal["full_prefill", "prefix_cache", "full_reuse", "cacheblend"]
 MODES: tuple[str, ...] = ("full_prefill", "prefix_cache", "full_reuse", "cacheblend")
-SelectionSignal = Literal["sensitivity", "value", "key", "random"]
+SelectionSignal = Literal["sensitivity", "stored", "value", "key", "random"]
 SELECTION_SIGNALS: tuple[str, ...] = get_args(SelectionSignal)
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "cacheblend"
@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed after the (last) check layer")
     check_layers: IntList = Field(default_factory=lambda: [1], description="Layers where HKVD tokens are selected (comma list)")
     check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: recompute_ratio at each)")
-    selection_signal: SelectionSignal = Field("sensitivity", description="How HKVD tokens are picked: sensitivity (of the most value-deviating tokens, those whose KV the precompute found most context-sensitive; measured best), value or key deviation alone (random: a control for research)")
+    selection_signal: SelectionSignal = Field("sensitivity", description="How HKVD tokens are picked: sensitivity (of the most value-deviating tokens, those whose KV the precompute found most context-sensitive; measured best), stored (the most context-sensitive alone, chosen before the check layer is computed: with check layer 0 the dropped tokens are never computed), value or key deviation alone (random: a control for research)")
     sensitivity_pool: float = Field(0.5, gt=0.0, le=1.0, description="sensitivity signal: share of chunk tokens pre-selected by value deviation at the first check layer")
     chunk_context: Literal["sink", "prefix"] = Field("prefix", description="Precompute convention: the default prompt prefix (measured best), or a sink token, in front of each chunk")
     recompute_chunk_head: int = Field(0, ge=0, description="Always recompute the first N tokens of every chunk (their own attention sink)")
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1, description="Requests decoded together in one batch")
     max_queue: int = Field(64, ge=1, description="Waiting requests before new ones get 503")
     max_num_batched_tokens: int = Field(8192, ge=1, description="While streams are decoding, a prefill advances by at most this many computed tokens per step (whole layers, or rows of one: chunked prefill inside a layer), then every stream gets its next token (a prefill with nobody decoding runs to its end); lower: smoother streams, later first tokens")
-    max_itl_slowdown: float = Field(0.0, ge=0.0, description="While streams are decoding, each step's prefill piece is also sized (from the measured cost of a computed token) so the step lasts at most this many times its decode alone: a stream's inter-token gap while others prefill; 0 (default): by max_num_batched_tokens alone (first tokens and throughput first); 3: smoother streams under load, for later first tokens and fewer requests/s (BENCHMARKS.md). Native engine")
+    max_itl_slowdown: float = Field(0.0, ge=0.0, description="While streams are decoding, each step's prefill piece is also sized (from the measured cost of a computed token) so the step lasts at most this many times its decode alone: a stream's inter-token gap while others prefill; 0 (default): by max_num_batched_tokens alone (first tokens and throughput first); 3: smoother streams under load, for later first tokens and fewer requests/s; 1.5: p99 gap within 3x a stream's idle gap, for about 6x later first tokens (BENCHMARKS.md). Native engine")
     seed: int = Field(0, description="Default sampling seed")
 
     # --- chunk KV store ---

@@ -93,13 +93,16 @@ def _fold_groups(q: torch.Tensor) -> bool:
     return q.is_cuda
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One new query per head over its whole cache: q [H, D]; k, v [Hkv, L, D] -> [H, D].
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """One new query per head over its whole cache: q [H, D], already scaled by D^-0.5;
+    k, v [Hkv, L, D] -> `out` [H, D] (contiguous), returned.
 
     Two small matmuls and an fp32 softmax: SDPA's flash kernel sets up tiles and per-thread
     buffers per call, which costs more than the attention itself for a single query.
     """
     H, D = q.shape
     Hkv = k.shape[0]
-    s = torch.bmm(q.view(Hkv, H // Hkv, D), k.transpose(1, 2)).float().mul_(D ** -0.5)  # [Hkv, G, L]
-    return torch.bmm(torch.softmax(s, -1).to(v.dtype), v).view(H, D)                    # [Hkv, G, D] -> [H, D]
+    s = torch.bmm(q.reshape(Hkv, H // Hkv, D), k.transpose(1, 2))                      # [Hkv, G, L]
+    probs = torch.softmax(s, -1, dtype=torch.float32).to(v.dtype)
+    torch.bmm(probs, v, out=out.view(Hkv, H // Hkv, D))                               # [Hkv, G, D]
+    return out

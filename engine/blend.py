@@ -12,17 +12,18 @@ The modes differ only in which tokens are computed at each layer:
   layer the HKVD tokens among the still-computed chunk tokens are kept (`ceil(r * n)` of the
   n chunk tokens) and the rest stop; later layers compute only forced + kept tokens. With the
   "sensitivity" signal the first check layer keeps, of its `pool` most deviating tokens, those
-  whose KV the chunk's precompute found most context-sensitive.
+  whose KV the chunk's precompute found most context-sensitive. With the "stored" signal the
+  first check layer keeps the chunk tokens of highest stored sensitivity alone, chosen before
+  that layer is computed: at check layer 0 no dropped token is ever computed.
 Computed tokens write fresh K, V into the fused cache; every query attends over the whole fused
 cache with an exact causal mask by position.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Generator, Optional, TypeVar
+from typing import Callable, Generator, Optional
 
 import torch
 
@@ -30,8 +31,8 @@ from engine.attention import CausalPlan, causal_attention
 from engine.model import Transformer
 from engine.request import BlendSpec
 from engine.selection import kv_deviation, num_selected, select_hkvd, select_pooled, span_sensitivity
+from engine.steps import run_to_end
 
-T = TypeVar("T")
 ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
 
 
@@ -95,30 +96,6 @@ def blend_prefill(model: Transformer, inp: PrefillInput, spec: BlendSpec, cache:
     return run_to_end(blend_prefill_steps(model, inp, spec, cache))
 
 
-def run_to_end(steps: Generator[object, None, T]) -> T:
-    """Drive a step generator to its end and return its result."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
-
-
-def run_for(steps: Generator[int, Optional[int], T], budget: int) -> tuple[Optional[T], int]:
-    """Advance a prefill until it has computed `budget` tokens: each piece it yields reports its
-    computed tokens, and what is left of the budget goes back in as the next piece's row limit
-    (a piece has at least MIN_PIECE_ROWS rows). Returns (its result if it finished, else None (it
-    can go on), the tokens computed)."""
-    spent = 0
-    while spent < budget:
-        try:
-            fresh = inspect.getgeneratorstate(steps) == inspect.GEN_CREATED
-            spent += next(steps) if fresh else steps.send(budget - spent)
-        except StopIteration as done:
-            return done.value, spent
-    return None, spent
-
-
 MIN_PIECE_ROWS = 64  # fewer rows per GEMM and attention call cost more in overhead than they bound
 
 
@@ -131,6 +108,16 @@ def _layer_out(model: Transformer, layer: int, h: torch.Tensor, q: torch.Tensor,
     """Rows' attention over the fused cache, then the rest of their layer.
     h: [R, hidden], q: [H, R, D] post-RoPE at plan.q_pos; K, V: [Hkv, N, D] -> next hidden [R, hidden]."""
     return model.finish_layer(layer, h, causal_attention(q, K, V, plan))
+
+
+def _kept(stats: PrefillStats, layer: int, is_cand: torch.Tensor, cand_pos: torch.Tensor, keep: torch.Tensor,
+          scores: torch.Tensor) -> torch.Tensor:
+    """Record a check layer's choice. is_cand: [S] bool, cand_pos: [n] their positions, keep:
+    indices into cand_pos, scores: [n] what ranked them -> [S] bool: the rows computed on."""
+    stats.selected[layer], stats.candidates[layer], stats.deviation[layer] = cand_pos[keep].tolist(), cand_pos.tolist(), scores
+    keep_mask = ~is_cand
+    keep_mask[is_cand.nonzero().squeeze(1)[keep]] = True
+    return keep_mask
 
 
 def _pause(stats: PrefillStats, computed: int) -> Generator[int, Optional[int], Optional[int]]:
@@ -184,6 +171,17 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         last = layer == c.num_layers - 1
         K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
         V = cache.v[layer, :, :N]
+        early = layer == first_check and spec.signal == "stored" and inp.token_scores is None
+        sensitivity = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev) if early else None
+        if sensitivity is not None:
+            # the stored ranking needs no fresh KV: the tokens it drops are not computed even here
+            t0 = time.perf_counter()
+            is_cand = is_cached[active]                     # [S] active chunk tokens
+            cand_pos = active[is_cand]
+            keep = select_hkvd(sensitivity[cand_pos], num_selected(check[layer], n_chunk))
+            keep_mask = _kept(stats, layer, is_cand, cand_pos, keep, sensitivity[cand_pos])
+            h, active, plan = h[keep_mask], active[keep_mask], None
+            stats.selection_s += time.perf_counter() - t0
         S = int(active.numel())
         stats.computed_per_layer.append(S)
         if inp.exact_len:
@@ -197,7 +195,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
             for (s, e), (kc, vc) in zip(inp.chunk_spans, layer_kv):
                 K[:, s:e] = kc                              # pre-RoPE until placed below
                 V[:, s:e] = vc
-        if layer in check:
+        if layer in check and sensitivity is None:
             # the selection ranks every active token's fresh K/V: project them all (in pieces) first
             parts, a = [], 0
             while a < S:
@@ -226,11 +224,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 keep = select_pooled(deviation, sensitivity[cand_pos], num_keep, num_selected(spec.pool, n_chunk))
             else:
                 keep = select_hkvd(deviation, num_keep)
-            keep_mask = ~is_cand
-            keep_mask[is_cand.nonzero().squeeze(1)[keep]] = True
-            stats.selected[layer] = cand_pos[keep].tolist()
-            stats.candidates[layer] = cand_pos.tolist()
-            stats.deviation[layer] = deviation
+            keep_mask = _kept(stats, layer, is_cand, cand_pos, keep, deviation)
             stats.selection_s += time.perf_counter() - t0
             K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)  # place chunk K at its positions
             K[:, active] = model.rotate(k, active, N)

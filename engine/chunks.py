@@ -9,7 +9,7 @@ served):
   follows that prefix in a request then has exactly the KV a full prefill would give it.
 K is stored before RoPE, so it is placed at any position by rotating it there.
 
-With a probe (the "sensitivity" selection signal) the chunk is run a second time with a fixed
+With a probe (the "sensitivity" and "stored" selection signals) the chunk is run a second time with a fixed
 probe passage between its context and itself, and each token's context sensitivity (how far its
 mid-layer V moves, see engine/selection.py) is stored with the KV. It costs a second forward of
 the chunk at precompute, nothing at request time.
@@ -58,7 +58,7 @@ class Precompute:
     @classmethod
     def for_settings(cls, tokenizer, settings: "Settings") -> "Precompute":
         """The convention `--chunk-context` names; the probe only when the selection signal reads it."""
-        with_probe = settings.selection_signal == "sensitivity"
+        with_probe = settings.selection_signal in ("sensitivity", "stored")
         probe = tuple(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) if with_probe else ()
         if settings.chunk_context == "sink":
             return cls("sink", (sink_token_id(tokenizer),), probe)

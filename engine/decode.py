@@ -21,19 +21,19 @@ def decode_step(model: Transformer, caches: list[KVCache], token_ids: list[int])
     c = model.cfg
     dev = model.device
     positions = torch.tensor([cache.length for cache in caches], device=dev)     # [B]
-    seq_len = int(positions.max()) + 1
+    cos, sin = model.rope.cos_sin(positions, int(positions.max()) + 1)            # [B, D], for every layer
     h = model.embed(torch.tensor(token_ids, device=dev))                          # [B, hidden]
+    B, H, D = len(caches), c.num_heads, c.head_dim
     for layer in range(c.num_layers):
-        q, k, v = model.qkv(layer, h)                                             # [H|Hkv, B, D]
-        q = model.rotate(q, positions, seq_len)
-        k = model.rotate(k, positions, seq_len)
-        attn = torch.empty_like(q)
+        q, k, v = model.qk_rotated(layer, h, cos, sin)                           # [H|Hkv, B, D]
+        q = q * D ** -0.5  # once for the batch, not per sequence's scores
+        attn = torch.empty(B, H, D, dtype=q.dtype, device=dev)
         for b, cache in enumerate(caches):
             p = cache.length
             cache.k[layer, :, p] = k[:, b]
             cache.v[layer, :, p] = v[:, b]
-            attn[:, b] = decode_attention(q[:, b], cache.k[layer, :, : p + 1], cache.v[layer, :, : p + 1])
-        h = model.finish_layer(layer, h, attn)
+            decode_attention(q[:, b], cache.k[layer, :, : p + 1], cache.v[layer, :, : p + 1], out=attn[b])
+        h = model.finish_layer(layer, h, attn.transpose(0, 1))
     for cache in caches:
         cache.length += 1
     return model.logits(h)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from config.settings import Settings
-from engine.blend import run_for, run_to_end
+from engine.steps import run_for, run_to_end
 from engine.chunks import Precompute
 from engine.decode import decode_step
 from engine.detok import Detokenizer

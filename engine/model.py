@@ -170,17 +170,29 @@ class Transformer:
     def qkv(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h: [S, hidden] -> q [H, S, D], k [Hkv, S, D], v [Hkv, S, D]; q and k are pre-RoPE."""
         c, lw = self.cfg, self.layers[layer]
-        x = rms_norm(h, lw.attn_norm, c.rms_norm_eps)
-        qkv = linear(x, lw.wqkv, lw.bqkv, lw.packed.get("wqkv"))  # [S, (H + 2 Hkv) * D]
-        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
-        S = h.shape[0]
-        q = q.view(S, c.num_heads, c.head_dim).transpose(0, 1)
-        k = k.view(S, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        v = v.view(S, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        heads = self._heads(layer, h)
+        q, k, v = (t.transpose(0, 1) for t in heads.split([c.num_heads, c.num_kv_heads, c.num_kv_heads], 1))
         if lw.q_norm is not None:
             q = rms_norm(q, lw.q_norm, c.rms_norm_eps)
             k = rms_norm(k, lw.k_norm, c.rms_norm_eps)
         return q, k, v
+
+    def qk_rotated(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`qkv` with q and k rotated by the tables `cos`, `sin` [S, D], in one pass where the
+        model has no q/k norms (a decode step: its ops are a few rows each, their count is the cost)."""
+        c = self.cfg
+        if self.layers[layer].q_norm is not None:
+            q, k, v = self.qkv(layer, h)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        heads = self._heads(layer, h)                                                       # [S, H + 2 Hkv, D]
+        qk = apply_rope(heads[:, :c.num_heads + c.num_kv_heads].transpose(0, 1), cos, sin)  # [H + Hkv, S, D]
+        return qk[:c.num_heads], qk[c.num_heads:], heads[:, c.num_heads + c.num_kv_heads:].transpose(0, 1)
+
+    def _heads(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h: [S, hidden] -> the layer's q, k, v projections [S, H + 2 Hkv, D] (q heads first)."""
+        c, lw = self.cfg, self.layers[layer]
+        x = rms_norm(h, lw.attn_norm, c.rms_norm_eps)
+        return linear(x, lw.wqkv, lw.bqkv, lw.packed.get("wqkv")).view(h.shape[0], c.num_heads + 2 * c.num_kv_heads, c.head_dim)
 
     def rotate(self, x: torch.Tensor, positions: torch.Tensor, seq_len: int) -> torch.Tensor:
         """x: [H, S, D] pre-RoPE at `positions` [S] -> rotated."""

@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                 KVConnectorWorkerMetadata)
 
 from config.settings import Settings
-from engine.blend import run_for
+from engine.steps import run_for
 from engine.prefill import Prefilled
 from engine.request import RequestError
 from engine.stats import prefill_record

@@ -145,19 +145,38 @@ def test_sensitivity_signal_keeps_the_most_sensitive_of_the_value_pool(engine):
     assert set(by_value.selected[1]) != set(st.selected[1])
 
 
+def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
+    """Check layer 0, stored signal: the chunk tokens of highest stored sensitivity are chosen
+    before anything is computed, so every layer computes the same rows; at ratio 1.0 that is
+    every token and the blend equals full prefill."""
+    segs = rag_segments(engine)
+    chunks = [s for s in segs if s.kind == "chunk"]
+    sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
+    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, check_layers=[0], selection_signal="stored").result.stats
+    n = st.cached_tokens
+    kept = {st.candidates[0].index(p) for p in st.selected[0]}
+    assert len(kept) == math.ceil(0.15 * n)
+    assert set(torch.topk(sens, len(kept)).indices.tolist()) == kept
+    assert st.computed_per_layer[:-1] == [st.num_tokens - n + len(kept)] * (len(st.computed_per_layer) - 1)
+    full = prefill(engine, segs, mode="full_prefill").result.logits
+    one = prefill(engine, segs, mode="cacheblend", recompute_ratio=1.0, check_layers=[0], selection_signal="stored").result
+    assert one.stats.computed_per_layer[0] == one.stats.num_tokens
+    assert torch.allclose(one.logits, full, atol=LOGIT_ATOL)
+
+
 def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(settings):
     from engine.llm_engine import LLMEngine
 
     eng = LLMEngine(settings.model_copy(update={"selection_signal": "value", "kv_disk_bytes": 0}))
     segs = rag_segments(eng)
     assert all(eng.ensure_chunk(s).sensitivity is None for s in segs if s.kind == "chunk")
-    asked = prefill(eng, segs, mode="cacheblend", selection_signal="sensitivity").result.stats
     value = prefill(eng, segs, mode="cacheblend").result.stats
-    assert asked.selected == value.selected
+    for signal in ("sensitivity", "stored"):
+        assert prefill(eng, segs, mode="cacheblend", selection_signal=signal).result.stats.selected == value.selected
 
 
 def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():
-    from engine.blend import run_for
+    from engine.steps import run_for
 
     sent = []
 
@@ -177,7 +196,8 @@ def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():
 def test_a_prefill_split_inside_its_layers_equals_the_whole(engine):
     """Driven by a small budget, a prefill computes parts of a layer (chunked prefill inside a
     layer, the check layer's projections and kept rows too) and gives the same result as whole layers."""
-    from engine.blend import MIN_PIECE_ROWS, run_for
+    from engine.blend import MIN_PIECE_ROWS
+    from engine.steps import run_for
 
     segs = rag_segments(engine)
     for seg in (s for s in segs if s.kind == "chunk"):

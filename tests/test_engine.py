@@ -48,7 +48,8 @@ def test_a_stream_keeps_decoding_while_another_request_prefills(engine, monkeypa
     """Between the pieces of a prefill the running streams get their next token (a step's budget
     of computed tokens, here the smallest piece: MIN_PIECE_ROWS rows of a layer, so a long layer
     is split); every answer equals the one it gets alone."""
-    from engine.blend import MIN_PIECE_ROWS, run_for
+    from engine.blend import MIN_PIECE_ROWS
+    from engine.steps import run_for
 
     monkeypatch.setattr(engine, "settings", engine.settings.model_copy(update={"max_num_batched_tokens": 1}))
     a = engine.make_request("a", segments(engine), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
@@ -72,6 +73,22 @@ def test_a_stream_keeps_decoding_while_another_request_prefills(engine, monkeypa
             a_during_b += out.request_id == "a" and not got["b"]
     assert a_during_b == pieces  # beside each piece of b's prefill, and the step that ends it (its logits)
     assert got == alone
+
+
+def test_ratio_one_under_load_answers_as_full_prefill_alone(engine, monkeypatch):
+    """Blends at ratio 1.0 that arrive together, split into pieces between the decode steps of
+    the others, each answer exactly as its full prefill run alone."""
+    monkeypatch.setattr(engine, "settings", engine.settings.model_copy(update={"max_num_batched_tokens": 512}))
+    questions = [QUESTION, "What is Dijon famous for?", "When was the Eiffel Tower completed?"]
+
+    def requests(mode: str, ratio: float | None) -> list:
+        return [engine.make_request(f"{mode}{i}", segments(engine, q, PASSAGES[i % 2:i % 2 + 2]),
+                                    SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), BlendParams(mode=mode, recompute_ratio=ratio))
+                for i, q in enumerate(questions)]
+
+    alone = [run(engine, r)[r.request_id]["token_ids"] for r in requests("full_prefill", None)]
+    together = run(engine, *requests("cacheblend", 1.0))
+    assert [together[f"cacheblend{i}"]["token_ids"] for i in range(len(questions))] == alone
 
 
 def test_max_itl_slowdown_splits_a_prefill_the_token_budget_would_not(engine, monkeypatch):

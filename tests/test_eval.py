@@ -218,6 +218,13 @@ def test_parse_variants():
     assert by["value_signal"].spec(0.15).selection_signal == "value" and by["value_signal"].engine_key == "default"
     sens = parse_variant("sensitivity_signal", 30)
     assert sens.spec(0.15).selection_signal == "sensitivity" and sens.engine_overrides == {"selection_signal": "sensitivity"}
+    stored = parse_variant("stored_signal", 30).spec(0.2)
+    assert stored.selection_signal == "stored" and stored.check_layers == (0,) and stored.ratio == 0.2
+    pool = parse_variant("pool0.7", 30)
+    assert pool.engine_overrides == {"sensitivity_pool": 0.7, "selection_signal": "sensitivity"}
+    for bad in ("pool0", "pool1.5", "poolx"):
+        with pytest.raises(ValueError, match="pool"):
+            parse_variant(bad, 30)
     with pytest.raises(ValueError, match="unknown variant"):
         parse_variant("bogus", 30)
     with pytest.raises(ValueError):
