@@ -172,14 +172,16 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
         V = cache.v[layer, :, :N]
         early = layer == first_check and spec.signal == "stored" and inp.token_scores is None
-        sensitivity = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev) if early else None
-        if sensitivity is not None:
+        stored = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev) if early else None
+        chosen_early = stored is not None  # else (no stored sensitivity) the check layer ranks by value deviation
+        if chosen_early:
             # the stored ranking needs no fresh KV: the tokens it drops are not computed even here
             t0 = time.perf_counter()
             is_cand = is_cached[active]                     # [S] active chunk tokens
             cand_pos = active[is_cand]
-            keep = select_hkvd(sensitivity[cand_pos], num_selected(check[layer], n_chunk))
-            keep_mask = _kept(stats, layer, is_cand, cand_pos, keep, sensitivity[cand_pos])
+            scores = stored[cand_pos]                       # [n]
+            keep = select_hkvd(scores, num_selected(check[layer], n_chunk))
+            keep_mask = _kept(stats, layer, is_cand, cand_pos, keep, scores)
             h, active, plan = h[keep_mask], active[keep_mask], None
             stats.selection_s += time.perf_counter() - t0
         S = int(active.numel())
@@ -195,7 +197,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
             for (s, e), (kc, vc) in zip(inp.chunk_spans, layer_kv):
                 K[:, s:e] = kc                              # pre-RoPE until placed below
                 V[:, s:e] = vc
-        if layer in check and sensitivity is None:
+        if layer in check and not chosen_early:
             # the selection ranks every active token's fresh K/V: project them all (in pieces) first
             parts, a = [], 0
             while a < S:
