@@ -106,3 +106,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: tor
     probs = torch.softmax(s, -1, dtype=torch.float32).to(v.dtype)
     torch.bmm(probs, v, out=out.view(Hkv, H // Hkv, D))                               # [Hkv, G, D]
     return out
+
+
+def append_attend_torch(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_caches: list[torch.Tensor],
+                        v_caches: list[torch.Tensor], positions: list[int], layer: int, out: torch.Tensor) -> None:
+    """A decode step's attention for a batch, as torch ops (the compiled op in engine/native.py
+    does the same in one call): q [H, B, D] scaled; k_new, v_new [Hkv, B, D]; each sequence's
+    caches [L, Hkv, capacity, D] get its new K/V at `positions[b]`; out [B, H, D]."""
+    for b, p in enumerate(positions):
+        k_caches[b][layer, :, p] = k_new[:, b]
+        v_caches[b][layer, :, p] = v_new[:, b]
+        decode_attention(q[:, b], k_caches[b][layer, :, : p + 1], v_caches[b][layer, :, : p + 1], out=out[b])

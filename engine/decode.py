@@ -1,7 +1,8 @@
 """One decode step for a batch of sequences, each with its own fused KV cache.
 
 The linear layers run on the whole batch at once (that is where batching pays on CPU and
-GPU alike); attention runs per sequence over its own cache length.
+GPU alike); attention runs per sequence over its own cache length: on CPU in one compiled call
+per layer for the whole batch (engine/native.py), elsewhere as a loop of torch ops.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from typing import Callable, Collection, Generator, Optional
 
 import torch
 
-from engine.attention import decode_attention
+from engine import native
+from engine.attention import append_attend_torch
 from engine.blend import KVCache
 from engine.model import Transformer
 
@@ -20,19 +22,18 @@ def decode_step(model: Transformer, caches: list[KVCache], token_ids: list[int])
     """Append one token to each cache; return next-token logits [B, V] (float32)."""
     c = model.cfg
     dev = model.device
-    positions = torch.tensor([cache.length for cache in caches], device=dev)     # [B]
-    cos, sin = model.rope.cos_sin(positions, int(positions.max()) + 1)            # [B, D], for every layer
+    lengths = [cache.length for cache in caches]
+    positions = torch.tensor(lengths, device=dev)                                 # [B]
+    cos, sin = model.rope.cos_sin(positions, max(lengths) + 1)                    # [B, D], for every layer
     h = model.embed(torch.tensor(token_ids, device=dev))                          # [B, hidden]
     B, H, D = len(caches), c.num_heads, c.head_dim
+    append_attend = (native.append_attend_op() if dev.type == "cpu" else None) or append_attend_torch
+    k_caches, v_caches = [cache.k for cache in caches], [cache.v for cache in caches]
     for layer in range(c.num_layers):
         q, k, v = model.qk_rotated(layer, h, cos, sin)                           # [H|Hkv, B, D]
         q = q * D ** -0.5  # once for the batch, not per sequence's scores
         attn = torch.empty(B, H, D, dtype=q.dtype, device=dev)
-        for b, cache in enumerate(caches):
-            p = cache.length
-            cache.k[layer, :, p] = k[:, b]
-            cache.v[layer, :, p] = v[:, b]
-            decode_attention(q[:, b], cache.k[layer, :, : p + 1], cache.v[layer, :, : p + 1], out=attn[b])
+        append_attend(q, k, v, k_caches, v_caches, lengths, layer, attn)
         h = model.finish_layer(layer, h, attn.transpose(0, 1))
     for cache in caches:
         cache.length += 1

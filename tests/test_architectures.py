@@ -72,3 +72,30 @@ def test_fingerprint_follows_the_weights_not_the_load_path():
     with torch.no_grad():
         hf.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0  # other weights: KV must never be shared
     assert Transformer.from_hf_model(hf, cpu, torch.float32).fingerprint != first
+
+
+@pytest.mark.parametrize("attention", ["compiled", "torch_ops"])
+@pytest.mark.parametrize("kind,scaling", CASES, ids=IDS)
+def test_batched_decode_step_matches_hf_forward(kind, scaling, attention, monkeypatch):
+    """One decode step for three sequences of different lengths, with either decode attention."""
+    from engine import native
+    from engine.decode import decode_step
+
+    if attention == "torch_ops":  # what runs where the kernel cannot be built
+        monkeypatch.setattr(native, "append_attend_op", lambda: None)
+    else:
+        assert native.append_attend_op() is not None
+
+    hf = tiny_hf_model(kind, scaling)
+    model = Transformer.from_hf_model(hf, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,), generator=g) for n in (9, 40, 23)]
+    caches = [KVCache.allocate(model, p.numel() + 1) for p in prompts]
+    for p, cache in zip(prompts, caches):
+        blend_prefill(model, PrefillInput(p, torch.ones(p.numel(), dtype=torch.bool)), BlendSpec(), cache)
+    nxt = [5, 17, 250]
+    got = decode_step(model, caches, nxt)
+    with torch.no_grad():
+        ref = torch.stack([hf(torch.cat([p, torch.tensor([t])])[None]).logits[0, -1] for p, t in zip(prompts, nxt)])
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+    assert [c.length for c in caches] == [p.numel() + 1 for p in prompts]

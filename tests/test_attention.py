@@ -91,3 +91,46 @@ def test_decode_query_sees_its_whole_cache(dtype):
     assert got is out and got.dtype == dtype
     ref = brute_force(q.float()[:, None], k.float(), v.float(), torch.tensor([40]))[:, 0]
     assert torch.allclose(got.float(), ref, atol=ATOL[dtype])
+
+
+def _decode_batch(dtype, positions, H=6, Hkv=2, D=16, L=3, capacity=64, seed=5):
+    """A decode step's inputs for a batch with caches of different lengths (random K/V)."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(positions)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+    q = rand(B, H, D).transpose(0, 1) * D ** -0.5  # [H, B, D], strided as the model makes it
+    k_new, v_new = rand(B, Hkv, D).transpose(0, 1), rand(B, Hkv, D).transpose(0, 1)
+    k_caches = [rand(L, Hkv, capacity, D) for _ in range(B)]
+    v_caches = [rand(L, Hkv, capacity, D) for _ in range(B)]
+    return q, k_new, v_new, k_caches, v_caches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_attention_appends_and_attends_as_the_torch_ops(dtype):
+    from engine.native import append_attend_op
+
+    op = append_attend_op()
+    assert op is not None, "the C++ decode kernel must build on the test machine (g++, Python headers, ninja)"
+    positions, layer = [0, 37, 5, 63], 1
+    q, k_new, v_new, k_caches, v_caches = _decode_batch(dtype, positions)
+    ref_k, ref_v = [t.clone() for t in k_caches], [t.clone() for t in v_caches]
+    want = torch.empty(4, 6, 16, dtype=dtype)
+    attention.append_attend_torch(q, k_new, v_new, ref_k, ref_v, positions, layer, want)
+    got = torch.full((4, 6, 16), float("nan"), dtype=dtype)
+    op(q, k_new, v_new, k_caches, v_caches, positions, layer, got)
+    # the new K/V land at each sequence's position, in its own cache, and nowhere else
+    assert all(torch.equal(a, b) for a, b in zip(k_caches + v_caches, ref_k + ref_v))
+    assert torch.allclose(got.float(), want.float(), atol=ATOL[dtype])
+    for b, p in enumerate(positions):  # and both match the brute-force reference
+        ref = brute_force(q[:, b].float()[:, None] * 4, k_caches[b][layer].float(), v_caches[b][layer].float(), torch.tensor([p]))[:, 0]
+        assert torch.allclose(got[b].float(), ref, atol=ATOL[dtype])
+
+
+def test_compiled_decode_attention_refuses_a_position_beyond_the_cache():
+    from engine.native import append_attend_op
+
+    q, k_new, v_new, k_caches, v_caches = _decode_batch(torch.float32, [3, 64])
+    before = [t.clone() for t in k_caches]
+    with pytest.raises(RuntimeError, match="position beyond the cache"):
+        append_attend_op()(q, k_new, v_new, k_caches, v_caches, [3, 64], 0, torch.empty(2, 6, 16))
+    assert all(torch.equal(a, b) for a, b in zip(k_caches, before))  # checked before anything is written
