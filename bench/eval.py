@@ -138,7 +138,7 @@ def config_of(args: argparse.Namespace, harness: Harness) -> dict:
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     s = harness.settings
     cfg.update({"model_name": harness.default.model_name, "torch_threads": torch.get_num_threads(),
-                "torch_version": torch.__version__, "check_layers": s.check_layers, "check_ratios": s.check_ratios,
+                "torch_version": torch.__version__, "check_layers": s.resolved_check_layers, "check_ratios": s.check_ratios,
                 "selection_signal": s.selection_signal, "chunk_context": s.chunk_context,
                 "recompute_chunk_head": s.recompute_chunk_head, "kv_storage_dtype": s.kv_storage_dtype,
                 "device": str(harness.default.device), "dtype": str(harness.default.model.dtype)})

@@ -43,6 +43,13 @@ def check_layer_rules(layers: Sequence[int], num_layers: Optional[int] = None) -
         raise ValueError(f"check_layers must be layer indices in [0, {num_layers})")
 
 
+def default_check_layers(signal: str) -> list[int]:
+    """Where a signal selects unless told: `stored` ranks without fresh KV, so at layer 0 (whose KV
+    of a chunk token is exact: it depends on the token alone); the others rank a fresh layer
+    against the stored one, so at layer 1, the first where they differ."""
+    return [0] if signal == "stored" else [1]
+
+
 def check_ratio_rules(ratios: Sequence[float], num_check_layers: int) -> None:
     """Ratios: one per check layer, each in [0, 1], never rising (ValueError if not)."""
     if len(ratios) != num_check_layers:
@@ -81,9 +88,9 @@ class Settings(BaseSettings):
     # --- blending ---
     mode: Mode = Field("cacheblend", description="Prefill mode: full_prefill | prefix_cache | full_reuse | cacheblend")
     recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed after the (last) check layer")
-    check_layers: IntList = Field(default_factory=lambda: [1], description="Layers where HKVD tokens are selected (comma list)")
+    check_layers: Optional[IntList] = Field(None, description="Layers where HKVD tokens are selected (comma list; default: 0 for the stored signal, whose choice needs no computed layer, 1 for the others)")
     check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: recompute_ratio at each)")
-    selection_signal: SelectionSignal = Field("sensitivity", description="How HKVD tokens are picked: sensitivity (of the most value-deviating tokens, those whose KV the precompute found most context-sensitive; measured best), stored (the most context-sensitive alone, chosen before the check layer is computed: with check layer 0 the dropped tokens are never computed), value or key deviation alone (random: a control for research)")
+    selection_signal: SelectionSignal = Field("stored", description="How HKVD tokens are picked: stored (the chunk tokens whose KV the precompute found most context-sensitive, chosen before the check layer is computed: at check layer 0 the dropped tokens are never computed; measured best), sensitivity (of the most value-deviating tokens at the check layer, the most context-sensitive), value or key deviation alone (random: a control for research)")
     sensitivity_pool: float = Field(0.5, gt=0.0, le=1.0, description="sensitivity signal: share of chunk tokens pre-selected by value deviation at the first check layer")
     chunk_context: Literal["sink", "prefix"] = Field("prefix", description="Precompute convention: the default prompt prefix (measured best), or a sink token, in front of each chunk")
     recompute_chunk_head: int = Field(0, ge=0, description="Always recompute the first N tokens of every chunk (their own attention sink)")
@@ -144,9 +151,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        check_layer_rules(self.check_layers)
+        check_layer_rules(self.resolved_check_layers)
         if self.check_ratios is not None:
-            check_ratio_rules(self.check_ratios, len(self.check_layers))
+            check_ratio_rules(self.check_ratios, len(self.resolved_check_layers))
         if 0 < self.max_itl_slowdown <= 1:
             raise ValueError("max_itl_slowdown must be 0 (off) or above 1 (a step is its decode plus a prefill piece)")
         if self.document_overlap_tokens >= self.document_chunk_tokens:
@@ -158,7 +165,12 @@ class Settings(BaseSettings):
     @property
     def layer_ratios(self) -> list[float]:
         """The ratio used at each check layer."""
-        return list(self.check_ratios) if self.check_ratios is not None else [self.recompute_ratio] * len(self.check_layers)
+        return list(self.check_ratios) if self.check_ratios is not None else [self.recompute_ratio] * len(self.resolved_check_layers)
+
+    @property
+    def resolved_check_layers(self) -> list[int]:
+        """`check_layers`, else the selection signal's own (`default_check_layers`)."""
+        return list(self.check_layers) if self.check_layers is not None else default_check_layers(self.selection_signal)
 
     @property
     def resolved_state_dir(self) -> Path:

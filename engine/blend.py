@@ -14,7 +14,9 @@ The modes differ only in which tokens are computed at each layer:
   "sensitivity" signal the first check layer keeps, of its `pool` most deviating tokens, those
   whose KV the chunk's precompute found most context-sensitive. With the "stored" signal the
   first check layer keeps the chunk tokens of highest stored sensitivity alone, chosen before
-  that layer is computed: at check layer 0 no dropped token is ever computed.
+  that layer is computed: at check layer 0 no dropped token is ever computed. Without stored
+  sensitivity (e.g. a prompt of conversation turns only) value deviation ranks, at layer 1 at
+  the earliest.
 Computed tokens write fresh K, V into the fused cache; every query attends over the whole fused
 cache with an exact causal mask by position.
 """
@@ -160,6 +162,14 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         active = positions[after_exact & ~is_cached]        # full_reuse: never compute chunk tokens
     check = dict(zip(spec.check_layers, spec.ratios))
     first_check = min(spec.check_layers) if spec.check_layers else None
+    stored = None                                           # [N] stored sensitivity, for the stored signal
+    if spec.signal == "stored" and first_check is not None and inp.token_scores is None:
+        stored = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev)
+        if stored is None and first_check == 0 and 1 not in check and c.num_layers > 1:
+            # no stored ranking: value deviation ranks instead, and at layer 0 a chunk token's KV
+            # is exact (it depends on the token alone), so it deviates first at layer 1
+            check[1] = check.pop(0)
+            first_check = min(check)
 
     pre_rope = torch.empty((c.num_layers, c.num_kv_heads, N, c.head_dim), dtype=model.dtype, device=dev) if inp.collect_pre_rope else None
     limit = yield 0                                         # the caller's row limit (None: whole layers)
@@ -171,9 +181,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         last = layer == c.num_layers - 1
         K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
         V = cache.v[layer, :, :N]
-        early = layer == first_check and spec.signal == "stored" and inp.token_scores is None
-        stored = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev) if early else None
-        chosen_early = stored is not None  # else (no stored sensitivity) the check layer ranks by value deviation
+        chosen_early = layer == first_check and stored is not None  # else the check layer ranks by value deviation
         if chosen_early:
             # the stored ranking needs no fresh KV: the tokens it drops are not computed even here
             t0 = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from config.settings import MODES, SELECTION_SIGNALS, Settings, check_layer_rules, check_ratio_rules
+from config.settings import MODES, SELECTION_SIGNALS, Settings, check_layer_rules, check_ratio_rules, default_check_layers
 from engine.request import BlendParams, BlendSpec, Request, RequestError
 from engine.sampling import SamplingParams
 from engine.segments import Segment
@@ -56,10 +56,18 @@ def resolve_blend(params: BlendParams, settings: Settings, num_layers: int, defa
         raise RequestError(f"unknown mode {mode!r}; one of {', '.join(MODES)}", "cacheblend.mode")
     if mode != "cacheblend":
         return mode, BlendSpec()
-    layers = params.check_layers if params.check_layers is not None else settings.check_layers
+    signal = params.selection_signal or settings.selection_signal
+    if signal not in SELECTION_SIGNALS:
+        raise RequestError(f"selection_signal must be one of {', '.join(SELECTION_SIGNALS)}", "cacheblend.selection_signal")
+    # the server's check layers go with its signal; a request naming another signal gets that one's
+    own_layers = params.check_layers is None and signal == settings.selection_signal
+    if params.check_layers is not None:
+        layers = params.check_layers
+    else:
+        layers = settings.resolved_check_layers if own_layers else default_check_layers(signal)
     if params.check_ratios is not None:
         ratios = params.check_ratios
-    elif params.recompute_ratio is not None or params.check_layers is not None:
+    elif params.recompute_ratio is not None or not own_layers:
         ratios = [params.recompute_ratio if params.recompute_ratio is not None else default_ratio] * len(layers)
     elif settings.check_ratios is not None:
         ratios = settings.check_ratios
@@ -73,7 +81,4 @@ def resolve_blend(params: BlendParams, settings: Settings, num_layers: int, defa
         check_ratio_rules(ratios, len(layers))
     except ValueError as e:
         raise RequestError(str(e), "cacheblend.recompute_ratio") from None
-    signal = params.selection_signal or settings.selection_signal
-    if signal not in SELECTION_SIGNALS:
-        raise RequestError(f"selection_signal must be one of {', '.join(SELECTION_SIGNALS)}", "cacheblend.selection_signal")
     return mode, BlendSpec(tuple(layers), tuple(ratios), signal, settings.sensitivity_pool)

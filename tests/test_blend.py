@@ -129,12 +129,12 @@ def test_prefix_cache_reuses_only_leading_segments(engine, fresh_prefix_cache):
 
 
 def test_sensitivity_signal_keeps_the_most_sensitive_of_the_value_pool(engine):
-    assert engine.settings.selection_signal == "sensitivity"  # the default
     segs = rag_segments(engine)
     chunks = [s for s in segs if s.kind == "chunk"]
     sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
     assert sens.shape == (sum(len(c) for c in chunks),) and bool((sens >= 0).all()) and bool(sens.max() > 0)
-    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15).result.stats
+    # naming the signal alone brings its own check layer (1), not the server's (0, for stored)
+    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, selection_signal="sensitivity").result.stats
     cand = st.candidates[1]
     n = len(cand)
     pool = set(torch.topk(st.deviation[1], math.ceil(engine.settings.sensitivity_pool * n)).indices.tolist())
@@ -148,11 +148,12 @@ def test_sensitivity_signal_keeps_the_most_sensitive_of_the_value_pool(engine):
 def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
     """Check layer 0, stored signal: the chunk tokens of highest stored sensitivity are chosen
     before anything is computed, so every layer computes the same rows; at ratio 1.0 that is
-    every token and the blend equals full prefill."""
+    every token and the blend equals full prefill. It is the default."""
+    assert (engine.settings.selection_signal, engine.settings.resolved_check_layers) == ("stored", [0])
     segs = rag_segments(engine)
     chunks = [s for s in segs if s.kind == "chunk"]
     sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
-    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, check_layers=[0], selection_signal="stored").result.stats
+    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15).result.stats
     n = st.cached_tokens
     kept = {st.candidates[0].index(p) for p in st.selected[0]}
     assert len(kept) == math.ceil(0.15 * n)
@@ -165,6 +166,8 @@ def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
 
 
 def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(settings):
+    """Both signals rank by value deviation at layer 1 then (stored would choose at 0, where a
+    chunk token's KV cannot deviate)."""
     from engine.llm_engine import LLMEngine
 
     eng = LLMEngine(settings.model_copy(update={"selection_signal": "value", "kv_disk_bytes": 0}))
@@ -173,6 +176,7 @@ def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(setti
     value = prefill(eng, segs, mode="cacheblend").result.stats
     for signal in ("sensitivity", "stored"):
         assert prefill(eng, segs, mode="cacheblend", selection_signal=signal).result.stats.selected == value.selected
+    assert list(value.selected) == [1]
 
 
 def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():
@@ -203,7 +207,9 @@ def test_a_prefill_split_inside_its_layers_equals_the_whole(engine):
     for seg in (s for s in segs if s.kind == "chunk"):
         engine.ensure_chunk(seg)  # stored first: every prefill reads the same (storage-dtype) chunk KV
     # budget 150: pieces of up to 150 rows; 1: of MIN_PIECE_ROWS, so the check layer's kept rows split too
-    for blend, budget in (({"mode": "cacheblend", "recompute_ratio": 0.15}, 150), ({"mode": "cacheblend", "recompute_ratio": 0.15}, 1),
+    # the sensitivity signal: its check layer projects every row first (the stored one chooses before)
+    sens = {"mode": "cacheblend", "recompute_ratio": 0.15, "selection_signal": "sensitivity"}
+    for blend, budget in ((sens, 150), (sens, 1),
                           ({"mode": "full_prefill"}, 150)):
         whole = prefill(engine, segs, **blend).result
         req = engine.make_request("p", segs, blend=BlendParams(**blend))

@@ -31,6 +31,24 @@ def test_lists_from_env_and_flags(monkeypatch):
     assert s.check_layers == [1, 8, 16] and s.layer_ratios == [0.2, 0.15, 0.1]
 
 
+def test_check_layers_follow_the_selection_signal_unless_set():
+    from engine.request import BlendParams
+    from engine.resolve import resolve_blend
+
+    s = Settings()
+    assert (s.selection_signal, s.resolved_check_layers) == ("stored", [0])  # chooses before any layer
+    assert Settings(selection_signal="value").resolved_check_layers == [1]
+    assert Settings(selection_signal="value", check_layers=[2]).resolved_check_layers == [2]
+    # per request: another signal brings its own layer; explicit layers win
+    assert resolve_blend(BlendParams(), s, 30, 0.15)[1].check_layers == (0,)
+    assert resolve_blend(BlendParams(selection_signal="sensitivity"), s, 30, 0.15)[1].check_layers == (1,)
+    assert resolve_blend(BlendParams(selection_signal="sensitivity", check_layers=[3]), s, 30, 0.15)[1].check_layers == (3,)
+    server = Settings(check_layers=[2, 5], check_ratios=[0.3, 0.2])  # the server's layers and ratios go with its signal
+    assert resolve_blend(BlendParams(), server, 30, 0.15)[1].ratios == (0.3, 0.2)
+    other = resolve_blend(BlendParams(selection_signal="value"), server, 30, 0.15)[1]
+    assert (other.check_layers, other.ratios) == ((1,), (0.15,))
+
+
 def test_bool_flags():
     assert load_settings(parse(["--controller-enabled"])).controller_enabled is True
     assert load_settings(parse(["--no-controller-enabled"])).controller_enabled is False
