@@ -4,7 +4,9 @@ SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64), random inputs, on
 - causal prefill over all N tokens: `causal_attention` (torch's CPU flash kernel) vs blocked
   attention on plain matmuls, each KV head's query heads stacked into one GEMM, exact softmax;
 - selected queries (a share of the positions, scattered) over the whole cache with the exact
-  causal mask: `causal_attention` at several query-block sizes.
+  causal mask: `causal_attention` at several query-block sizes;
+- one decode step's attention for a batch (`--decode-batch` sequences with `--decode-tokens` of
+  context each, all 30 layers): the compiled kernel (engine/native.py) vs the torch ops.
 Candidates interleaved round by round (the machine is shared); the median per candidate printed.
 """
 
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from engine import attention
-from engine.attention import CausalPlan, causal_attention
+from engine import attention, native
+from engine.attention import CausalPlan, append_attend_torch, causal_attention
 
-H, HKV, D = 9, 3, 64
+H, HKV, D, LAYERS = 9, 3, 64, 30
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=6296)
     p.add_argument("--selected", type=float, default=0.16, help="share of positions queried in the masked case (default: %(default)s)")
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--decode-batch", type=int, default=8)
+    p.add_argument("--decode-tokens", type=int, default=512, help="context of each decoding sequence (default: %(default)s)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     p.set_defaults(func=run)
@@ -50,6 +54,20 @@ def blocked_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int
         p = torch.softmax(s, -1).to(q.dtype).view(k.shape[0], G * (stop - start), stop)
         out[:, start:stop] = torch.bmm(p, v[:, :stop]).view(Hq, stop - start, Dh)
     return out
+
+
+def decode_step_attention(op, dtype: torch.dtype, batch: int, tokens: int, g: torch.Generator):
+    """A callable running one decode step's attention (every layer) for `batch` sequences."""
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+    caches = [(rand(LAYERS, HKV, tokens + 1, D), rand(LAYERS, HKV, tokens + 1, D)) for _ in range(batch)]
+    q, k_new, v_new = rand(H, batch, D) * D ** -0.5, rand(HKV, batch, D), rand(HKV, batch, D)
+    out = torch.empty(batch, H, D, dtype=dtype)
+    k_caches, v_caches = [c[0] for c in caches], [c[1] for c in caches]
+
+    def step():
+        for layer in range(LAYERS):
+            op(q, k_new, v_new, k_caches, v_caches, [tokens] * batch, layer, out)
+    return step
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
         cands = {"causal: engine (SDPA flash)": lambda: causal_attention(q, k, v, full),
                  "causal: blocked matmul": lambda: blocked_matmul(q, k, v)}
         cands.update({f"selected: engine, {b}-query blocks": (lambda p=p: causal_attention(qs, k, v, p)) for b, p in plans.items()})
+        decode = f"decode step ({LAYERS} layers), batch {args.decode_batch} x {args.decode_tokens} tokens"
+        cands[f"{decode}: torch ops"] = decode_step_attention(append_attend_torch, dtype, args.decode_batch, args.decode_tokens, g)
+        if native.append_attend_op() is not None:
+            cands[f"{decode}: compiled"] = decode_step_attention(native.append_attend_op(), dtype, args.decode_batch, args.decode_tokens, g)
         for _ in range(args.repeat):
             for label, fn in cands.items():
                 t = time.perf_counter()
@@ -80,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(f"{N} tokens, {sel.numel()} selected queries; median of {args.repeat} (s)")
     for label, s in med.items():
-        print(f"  {label:<48} {s:8.3f}")
+        print(f"  {label:<76} {s:8.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"tokens": N, "selected": sel.numel(), "median_s": med, "samples_s": samples}, indent=2))

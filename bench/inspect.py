@@ -1,9 +1,10 @@
 """`cacheblend inspect`: what CacheBlend selected for one request, and why.
 
 For one prompt (a dataset record, or `--prompt-file` with {"chunks": [...], "question": ...})
-it prints, per check layer, the HKVD count and share of chunk tokens, the deviation range of
-the selected and the skipped tokens, and the TTFT breakdown; `--png` writes a histogram of the
-per-token KV deviation at each check layer with the selection threshold marked.
+it prints, per check layer, the HKVD count and share of chunk tokens, the range of the score
+that ranked them (the KV deviation, or with the stored signal the stored sensitivity) for the
+selected and the skipped tokens, and the TTFT breakdown; `--png` writes a histogram of that
+score at each check layer with the selection threshold marked.
 """
 
 from __future__ import annotations
@@ -44,14 +45,17 @@ def run(args: argparse.Namespace) -> int:
         texts, question = [p + "\n\n" for p in record.passages[: args.passages]], record.question
     chunks = [engine.chunk_from_text(t) for t in texts]
     segments = engine.chat_segments([{"role": "user", "content": suffix_for(question)}], chunks)
-    for c in chunks:
-        engine.ensure_chunk(c)
+    stored = all(engine.ensure_chunk(c).sensitivity is not None for c in chunks)
     stats = engine.prefill(segments, BlendParams(mode="cacheblend")).result.stats
     engine.prefix_cache.clear()
     request = engine.make_request("inspect", segments, SamplingParams(max_tokens=24, temperature=0), BlendParams(mode="cacheblend"))
     answer = engine.generate([request])["inspect"]
 
     print(f"prompt: {stats.num_tokens} tokens, {stats.cached_tokens} chunk tokens in {len(chunks)} chunks")
+    first = min(stats.selected, default=None)
+    # the stored signal ranks its first check layer by the stored sensitivity, not by a deviation
+    score = {layer: "stored sensitivity" if request.spec.signal == "stored" and layer == first and stored else "deviation"
+             for layer in stats.selected}
     for layer, selected in stats.selected.items():
         deviation = stats.deviation[layer]
         candidates = stats.candidates[layer]
@@ -59,20 +63,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"check layer {layer}: HKVD {len(selected)} of {len(candidates)} candidates "
               f"({len(selected) / max(stats.cached_tokens, 1):.1%} of chunk tokens)")
         if chosen.any():
-            print(f"  selected deviation  {deviation[chosen].min():.4g} .. {deviation[chosen].max():.4g}")
+            print(f"  selected {score[layer]}  {deviation[chosen].min():.4g} .. {deviation[chosen].max():.4g}")
         if (~chosen).any():
-            print(f"  skipped deviation   {deviation[~chosen].min():.4g} .. {deviation[~chosen].max():.4g}")
+            print(f"  skipped {score[layer]}   {deviation[~chosen].min():.4g} .. {deviation[~chosen].max():.4g}")
     st = answer["stats"]
     print("ttft {ttft_s:.3f}s = queue {queue_s:.3f} + kv fetch {kv_fetch_s:.3f} + selection {selection_s:.3f} "
           "+ recompute {recompute_s:.3f} + first decode {first_decode_s:.3f}".format(**dataclasses.asdict(st)))
     print(f"answer: {answer['text']!r}")
     if args.png:
-        _histogram(stats, args.png)
+        _histogram(stats, score, args.png)
         print(f"wrote {args.png}")
     return 0
 
 
-def _histogram(stats, path: Path) -> None:
+def _histogram(stats, score: dict[int, str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,7 +91,8 @@ def _histogram(stats, path: Path) -> None:
         ax.hist(deviation[~chosen].clamp_min(1e-8).numpy(), bins=bins, label="reused", color="tab:blue", alpha=0.7)
         ax.hist(deviation[chosen].clamp_min(1e-8).numpy(), bins=bins, label="recomputed (HKVD)", color="tab:red", alpha=0.7)
         ax.set_xscale("log")
-        ax.set_xlabel(f"KV deviation at layer {layer} (squared L2, fresh vs cached)")
+        ax.set_xlabel(f"stored sensitivity, check layer {layer}" if score[layer] != "deviation"
+                      else f"KV deviation at layer {layer} (squared L2, fresh vs cached)")
         ax.set_ylabel("tokens")
         ax.legend()
     fig.tight_layout()

@@ -37,7 +37,7 @@ def test_inspect_prints_selection_and_writes_histogram(tmp_path, capsys):
     png = tmp_path / "hkvd.png"
     assert main(["inspect", "--dataset", str(DATASET), "--passages", "2", "--png", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "check layer 1: HKVD" in text and "ttft" in text
+    assert "check layer 0: HKVD" in text and "selected stored sensitivity" in text and "ttft" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -67,3 +67,12 @@ def test_token_scores_decide_what_the_check_layer_keeps(engine):
     st = engine.prefill(segs, blend, token_scores=scores).result.stats
     k = -(-n // 10)
     assert st.selected[1] == st.candidates[1][:k]
+
+
+def test_bench_attention_times_both_decode_attentions(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    assert main(["bench", "attention", "--tokens", "64", "--dtypes", "float32", "--repeat", "1", "--decode-batch", "2",
+                 "--decode-tokens", "16", "--json", str(out)]) == 0
+    med = json.loads(out.read_text())["median_s"]
+    decode = {k.rsplit(": ", 1)[1]: v for k, v in med.items() if "decode step" in k}
+    assert set(decode) == {"torch ops", "compiled"} and all(v > 0 for v in decode.values())

@@ -54,7 +54,8 @@ def test_a_stream_keeps_decoding_while_another_request_prefills(engine, monkeypa
     monkeypatch.setattr(engine, "settings", engine.settings.model_copy(update={"max_num_batched_tokens": 1}))
     a = engine.make_request("a", segments(engine), SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     b = engine.make_request("b", segments(engine, "What is Dijon famous for?", PASSAGES),
-                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), BlendParams(mode="cacheblend"))
+                            SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                            BlendParams(mode="cacheblend", selection_signal="sensitivity"))  # layers 0-1: every token, in parts
     alone = {r.request_id: run(engine, r)[r.request_id]["token_ids"] for r in (a, b)}
     steps, pieces, done = engine.prefiller.steps(b.segments, b.mode, b.spec, b.num_prompt_tokens, remember=False, salt=b.salt), 0, None
     while done is None:  # one call a step, as the engine makes them
