@@ -22,6 +22,7 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from config.settings import Settings
+from engine import native
 from engine.steps import run_for, run_to_end
 from engine.chunks import Precompute
 from engine.decode import decode_step
@@ -57,6 +58,8 @@ class LLMEngine:
         else:
             self.model_name = settings.served_model_name or getattr(model.hf_config, "_name_or_path", "") or "model"
         self.model, self.tokenizer = model, tokenizer
+        if model.device.type == "cpu":
+            native.append_attend_op()  # build or load the decode kernel now, not in a request's first decode
         self.device = model.device
         cfg = model.cfg
         limits = [settings.max_model_len, cfg.max_position_embeddings] + ([cfg.sliding_window] if cfg.sliding_window else [])
