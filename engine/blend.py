@@ -162,10 +162,10 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         active = positions[after_exact & ~is_cached]        # full_reuse: never compute chunk tokens
     check = dict(zip(spec.check_layers, spec.ratios))
     first_check = min(spec.check_layers) if spec.check_layers else None
-    stored = None                                           # [N] stored sensitivity, for the stored signal
-    if spec.signal == "stored" and first_check is not None and inp.token_scores is None:
-        stored = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev)
-        if stored is None and first_check == 0 and 1 not in check and c.num_layers > 1:
+    sensitivity = None                                      # [N] stored sensitivity, for the signals that rank by it
+    if spec.signal in ("sensitivity", "stored") and first_check is not None and inp.token_scores is None:
+        sensitivity = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev)
+        if spec.signal == "stored" and sensitivity is None and first_check == 0 and 1 not in check and c.num_layers > 1:
             # no stored ranking: value deviation ranks instead, and at layer 0 a chunk token's KV
             # is exact (it depends on the token alone), so it deviates first at layer 1
             check[1] = check.pop(0)
@@ -181,13 +181,14 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         last = layer == c.num_layers - 1
         K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
         V = cache.v[layer, :, :N]
-        chosen_early = layer == first_check and stored is not None  # else the check layer ranks by value deviation
+        # else (no stored sensitivity) the check layer ranks by value deviation
+        chosen_early = layer == first_check and spec.signal == "stored" and sensitivity is not None
         if chosen_early:
             # the stored ranking needs no fresh KV: the tokens it drops are not computed even here
             t0 = time.perf_counter()
             is_cand = is_cached[active]                     # [S] active chunk tokens
             cand_pos = active[is_cand]
-            scores = stored[cand_pos]                       # [n]
+            scores = sensitivity[cand_pos]                  # [n]
             keep = select_hkvd(scores, num_selected(check[layer], n_chunk))
             keep_mask = _kept(stats, layer, is_cand, cand_pos, keep, scores)
             h, active, plan = h[keep_mask], active[keep_mask], None
@@ -228,9 +229,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
             else:
                 fresh = (k if spec.signal == "key" else v)[:, is_cand]
                 deviation = kv_deviation(fresh, (K if spec.signal == "key" else V)[:, cand_pos])
-            pooled = spec.signal == "sensitivity" and layer == first_check and inp.token_scores is None
-            sensitivity = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev) if pooled else None
-            if sensitivity is not None:
+            if spec.signal == "sensitivity" and layer == first_check and sensitivity is not None:
                 keep = select_pooled(deviation, sensitivity[cand_pos], num_keep, num_selected(spec.pool, n_chunk))
             else:
                 keep = select_hkvd(deviation, num_keep)

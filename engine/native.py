@@ -18,7 +18,6 @@ import importlib.util
 import logging
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -75,9 +74,7 @@ def build() -> Path:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=lib.parent, prefix=f"{name}.build-") as tmp:
         load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=tmp, verbose=False)
-        built = Path(tmp) / f"{name}.so"
-        shutil.copyfile(built, Path(tmp) / "staged.so")
-        os.replace(Path(tmp) / "staged.so", lib)  # atomic: readers see no library or a whole one
+        os.replace(Path(tmp) / f"{name}.so", lib)  # same file system, atomic: readers see no library or a whole one
     log.info("built the decode attention kernel in %.0f s: %s", time.perf_counter() - t0, lib)
     return lib
 
