@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 BENCHES = ["bench.ttft", "bench.kv_tiers", "bench.load", "bench.peer", "bench.gpu_ttft", "bench.selection_study",
-           "bench.attention_micro", "bench.conversation", "bench.doc_sweep", "bench.faults",
+           "bench.attention_micro", "bench.batch_micro", "bench.conversation", "bench.doc_sweep", "bench.faults",
            "bench.stall", "bench.vllm_backend"]
 
 
