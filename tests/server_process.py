@@ -16,9 +16,19 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from bench.services import start_server_process
+from bench import services
 
 __all__ = ["start_server", "start_server_process"]
+
+
+@contextlib.contextmanager
+def start_server_process(**settings: Any) -> Iterator[tuple]:
+    """`bench.services.start_server_process`, computing in float32 unless told otherwise: test
+    servers compare answers with the in-process float32 engine and across modes, and in bf16 a
+    prefill's logits depend on how the scheduler split it into pieces (timing under concurrency),
+    so the same test would depend on the CPU's ISA (`auto` takes bf16 with AVX512-BF16/AMX)."""
+    with services.start_server_process(**{"dtype": "float32", **settings}) as served:
+        yield served
 
 
 @contextlib.contextmanager

@@ -76,8 +76,9 @@ def chunk_ids(base_url):
 
 @pytest.fixture(scope="module")
 def engine():
-    """The engine in this process, with a store like the server's (chunks kept as float16)."""
-    return LLMEngine(Settings(**LIMITS, kv_disk_bytes=0))
+    """The engine in this process, with a store like the server's (chunks kept as float16) and
+    its compute dtype (test servers run float32: server_process)."""
+    return LLMEngine(Settings(**LIMITS, kv_disk_bytes=0, dtype="float32"))
 
 
 def direct(engine: LLMEngine, segments) -> str:
