@@ -17,7 +17,6 @@ import httpx
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from config.settings import Settings
 from engine.llm_engine import LLMEngine
 from engine.sampling import SamplingParams
 from server_process import start_server_process
@@ -75,10 +74,10 @@ def chunk_ids(base_url):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def engine(settings):
     """The engine in this process, with a store like the server's (chunks kept as float16) and
-    its compute dtype (test servers run float32: server_process)."""
-    return LLMEngine(Settings(**LIMITS, kv_disk_bytes=0, dtype="float32"))
+    the tests' compute dtype (conftest's settings; test servers run the same: server_process)."""
+    return LLMEngine(settings.model_copy(update={**LIMITS, "kv_disk_bytes": 0}))
 
 
 def direct(engine: LLMEngine, segments) -> str:
