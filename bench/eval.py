@@ -41,6 +41,8 @@ from bench.eval_metrics import summarize
 from bench.eval_report import fmt, format_intervals, format_table, format_variants
 from bench.eval_variants import VARIANT_HELP, Plan, make_plan, parse_variants
 from config import MODES, add_settings_flags
+from engine.request import BlendParams
+from engine.resolve import resolve_blend
 
 DEFAULT_RATIOS = "0.05,0.1,0.15,0.2,0.3,1.0"
 SETTINGS_FLAGS = ["model", "device", "dtype", "data_dir", "max_model_len", "check_layers", "check_ratios",
@@ -137,8 +139,14 @@ def setup(args: argparse.Namespace) -> tuple[Harness, list[ds.Record]]:
 def config_of(args: argparse.Namespace, harness: Harness) -> dict:
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     s = harness.settings
+    num_layers = harness.default.model.cfg.num_layers
+    schedules = {}
+    for r in parse_floats(args.ratios):  # what each cacheblend@r row ran: the signal's schedule, unless set
+        spec = resolve_blend(BlendParams(mode="cacheblend", recompute_ratio=r), s, num_layers, r)[1]
+        schedules[f"{r:g}"] = {"check_layers": list(spec.check_layers), "check_ratios": list(spec.ratios)}
     cfg.update({"model_name": harness.default.model_name, "torch_threads": torch.get_num_threads(),
-                "torch_version": torch.__version__, "check_layers": s.resolved_check_layers, "check_ratios": s.check_ratios,
+                "torch_version": torch.__version__, "check_layers": s.check_layers, "check_ratios": s.check_ratios,
+                "schedules": schedules,
                 "selection_signal": s.selection_signal, "chunk_context": s.chunk_context,
                 "recompute_chunk_head": s.recompute_chunk_head, "kv_storage_dtype": s.kv_storage_dtype,
                 "device": str(harness.default.device), "dtype": str(harness.default.model.dtype)})

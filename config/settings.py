@@ -87,9 +87,9 @@ class Settings(BaseSettings):
 
     # --- blending ---
     mode: Mode = Field("cacheblend", description="Prefill mode: full_prefill | prefix_cache | full_reuse | cacheblend")
-    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed after the (last) check layer")
-    check_layers: Optional[IntList] = Field(None, description="Layers where HKVD tokens are selected (comma list; default: 0 for the stored signal, whose choice needs no computed layer, 1 for the others)")
-    check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: recompute_ratio at each)")
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed per layer after the first check layer: the stored signal's default schedule spends it as two stages (about 1.4x it up to layer 8 of 30, 0.84x it after), the others keep it from their check layer on; 1.0 = full prefill")
+    check_layers: Optional[IntList] = Field(None, description="Layers where HKVD tokens are selected (comma list; default: the signal's schedule: 0 and 8 of 30 for the stored signal, whose first choice needs no computed layer, 1 for the others; 0 for stored when only check_ratios is set)")
+    check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: the signal's schedule for recompute_ratio; with check_layers, recompute_ratio at each)")
     selection_signal: SelectionSignal = Field("stored", description="How HKVD tokens are picked: stored (the chunk tokens whose KV the precompute found most context-sensitive, chosen before the check layer is computed: at check layer 0 the dropped tokens are never computed; measured best), sensitivity (of the most value-deviating tokens at the check layer, the most context-sensitive), value or key deviation alone (random: a control for research)")
     sensitivity_pool: float = Field(0.5, gt=0.0, le=1.0, description="sensitivity signal: share of chunk tokens pre-selected by value deviation at the first check layer")
     chunk_context: Literal["sink", "prefix"] = Field("prefix", description="Precompute convention: the default prompt prefix (measured best), or a sink token, in front of each chunk")
@@ -151,9 +151,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        check_layer_rules(self.resolved_check_layers)
-        if self.check_ratios is not None:
-            check_ratio_rules(self.check_ratios, len(self.resolved_check_layers))
+        layers = self.check_layers if self.check_layers is not None else default_check_layers(self.selection_signal)
+        check_layer_rules(layers)
+        if self.check_ratios is not None:  # alone: for the signal's single check layer
+            check_ratio_rules(self.check_ratios, len(layers))
         if 0 < self.max_itl_slowdown <= 1:
             raise ValueError("max_itl_slowdown must be 0 (off) or above 1 (a step is its decode plus a prefill piece)")
         if self.document_overlap_tokens >= self.document_chunk_tokens:
@@ -161,16 +162,6 @@ class Settings(BaseSettings):
         if self.controller_min_ratio > self.controller_max_ratio:
             raise ValueError("controller_min_ratio must not exceed controller_max_ratio")
         return self
-
-    @property
-    def layer_ratios(self) -> list[float]:
-        """The ratio used at each check layer."""
-        return list(self.check_ratios) if self.check_ratios is not None else [self.recompute_ratio] * len(self.resolved_check_layers)
-
-    @property
-    def resolved_check_layers(self) -> list[int]:
-        """`check_layers`, else the selection signal's own (`default_check_layers`)."""
-        return list(self.check_layers) if self.check_layers is not None else default_check_layers(self.selection_signal)
 
     @property
     def resolved_state_dir(self) -> Path:

@@ -13,6 +13,7 @@ from config.settings import MODES, SELECTION_SIGNALS, Settings, check_layer_rule
 from engine.request import BlendParams, BlendSpec, Request, RequestError
 from engine.sampling import SamplingParams
 from engine.segments import Segment
+from engine.selection import funnel_schedule
 
 # The modes that reuse chunk (and turn) KV at new positions (the others compute every token or reuse an exact prefix)
 BLEND_MODES = ("full_reuse", "cacheblend")
@@ -59,20 +60,23 @@ def resolve_blend(params: BlendParams, settings: Settings, num_layers: int, defa
     signal = params.selection_signal or settings.selection_signal
     if signal not in SELECTION_SIGNALS:
         raise RequestError(f"selection_signal must be one of {', '.join(SELECTION_SIGNALS)}", "cacheblend.selection_signal")
-    # the server's check layers go with its signal; a request naming another signal gets that one's
-    own_layers = params.check_layers is None and signal == settings.selection_signal
-    if params.check_layers is not None:
-        layers = params.check_layers
-    else:
-        layers = settings.resolved_check_layers if own_layers else default_check_layers(signal)
+    ratio = params.recompute_ratio if params.recompute_ratio is not None else default_ratio
+    if not 0.0 <= ratio <= 1.0:
+        raise RequestError("recompute_ratio must lie in [0, 1]", "cacheblend.recompute_ratio")
+    # the server's check layers and ratios go with its signal; a request naming another signal gets that one's
+    own = params.check_layers is None and signal == settings.selection_signal
+    layers = params.check_layers if params.check_layers is not None else settings.check_layers if own else None
     if params.check_ratios is not None:
         ratios = params.check_ratios
-    elif params.recompute_ratio is not None or not own_layers:
-        ratios = [params.recompute_ratio if params.recompute_ratio is not None else default_ratio] * len(layers)
-    elif settings.check_ratios is not None:
+    elif own and params.recompute_ratio is None:
         ratios = settings.check_ratios
     else:
-        ratios = [default_ratio] * len(layers)
+        ratios = None
+    if layers is None and ratios is None:
+        layers, ratios = default_schedule(signal, ratio, num_layers)
+    else:
+        layers = layers if layers is not None else default_check_layers(signal)
+        ratios = ratios if ratios is not None else [ratio] * len(layers)
     try:
         check_layer_rules(layers, num_layers)
     except ValueError as e:
@@ -81,4 +85,13 @@ def resolve_blend(params: BlendParams, settings: Settings, num_layers: int, defa
         check_ratio_rules(ratios, len(layers))
     except ValueError as e:
         raise RequestError(str(e), "cacheblend.recompute_ratio") from None
-    return mode, BlendSpec(tuple(layers), tuple(ratios), signal, settings.sensitivity_pool)
+    return mode, BlendSpec(tuple(layers), tuple(ratios), signal, settings.sensitivity_pool, ratio)
+
+
+def default_schedule(signal: str, ratio: float, num_layers: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """A signal's check layers and ratios when nobody sets them: the stored signal's two-stage
+    funnel (`funnel_schedule`; also random's, the control, so that it recomputes as many tokens
+    as the default), else its one check layer at `ratio`."""
+    if signal in ("stored", "random"):
+        return funnel_schedule(ratio, num_layers)
+    return tuple(default_check_layers(signal)), (ratio,)

@@ -148,12 +148,11 @@ def test_sensitivity_signal_keeps_the_most_sensitive_of_the_value_pool(engine):
 def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
     """Check layer 0, stored signal: the chunk tokens of highest stored sensitivity are chosen
     before anything is computed, so every layer computes the same rows; at ratio 1.0 that is
-    every token and the blend equals full prefill. It is the default."""
-    assert (engine.settings.selection_signal, engine.settings.resolved_check_layers) == ("stored", [0])
+    every token and the blend equals full prefill."""
     segs = rag_segments(engine)
     chunks = [s for s in segs if s.kind == "chunk"]
     sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
-    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15).result.stats
+    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, check_layers=[0]).result.stats
     n = st.cached_tokens
     kept = {st.candidates[0].index(p) for p in st.selected[0]}
     assert len(kept) == math.ceil(0.15 * n)
@@ -165,18 +164,42 @@ def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
     assert torch.allclose(one.logits, full, atol=LOGIT_ATOL)
 
 
+def test_default_funnel_keeps_the_most_deviating_of_the_stored_choice_at_layer_8(engine):
+    """The default (stored signal, no check layers set): layer 0 keeps the tokens of highest
+    stored sensitivity, layer 8 keeps those of them whose fresh V deviates most, and the two
+    stages recompute no more chunk token-layers than the ratio at every layer would."""
+    assert (engine.settings.selection_signal, engine.settings.check_layers) == ("stored", None)
+    segs = rag_segments(engine)
+    chunks = [s for s in segs if s.kind == "chunk"]
+    sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
+    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15).result.stats
+    n, forced = st.cached_tokens, st.num_tokens - st.cached_tokens
+    assert list(st.selected) == [0, 8]
+    first = {st.candidates[0].index(p) for p in st.selected[0]}
+    assert set(torch.topk(sens, len(first)).indices.tolist()) == first
+    assert st.candidates[8] == st.selected[0] and set(st.selected[8]) < set(st.selected[0])
+    dev = st.deviation[8]                                  # [len(first)] value deviation at layer 8
+    kept = {st.candidates[8].index(p) for p in st.selected[8]}
+    assert set(torch.topk(dev, len(kept)).indices.tolist()) == kept
+    assert st.computed_per_layer[:9] == [forced + len(first)] * 9
+    assert st.computed_per_layer[9:] == [forced + len(kept)] * (len(st.computed_per_layer) - 9)
+    assert len(first) * 8 + len(kept) * 21 <= math.ceil(0.15 * n) * 29 + 29
+
+
 def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(settings):
     """Both signals rank by value deviation at layer 1 then (stored would choose at 0, where a
-    chunk token's KV cannot deviate)."""
+    chunk token's KV cannot deviate); stored's funnel keeps its second check at layer 8."""
     from engine.llm_engine import LLMEngine
 
     eng = LLMEngine(settings.model_copy(update={"selection_signal": "value", "kv_disk_bytes": 0}))
     segs = rag_segments(eng)
     assert all(eng.ensure_chunk(s).sensitivity is None for s in segs if s.kind == "chunk")
     value = prefill(eng, segs, mode="cacheblend").result.stats
-    for signal in ("sensitivity", "stored"):
-        assert prefill(eng, segs, mode="cacheblend", selection_signal=signal).result.stats.selected == value.selected
-    assert list(value.selected) == [1]
+    assert prefill(eng, segs, mode="cacheblend", selection_signal="sensitivity").result.stats.selected == value.selected
+    stored = prefill(eng, segs, mode="cacheblend", selection_signal="stored", check_layers=[0]).result.stats
+    assert stored.selected == value.selected and list(value.selected) == [1]
+    funnel = prefill(eng, segs, mode="cacheblend", selection_signal="stored").result.stats
+    assert list(funnel.selected) == [1, 8] and set(funnel.selected[8]) < set(funnel.selected[1])
 
 
 def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():

@@ -28,7 +28,7 @@ def test_precedence(tmp_path, monkeypatch):
 def test_lists_from_env_and_flags(monkeypatch):
     monkeypatch.setenv("CACHEBLEND_CHECK_LAYERS", "1,8,16")
     s = load_settings(parse(["--check-ratios", "[0.2, 0.15, 0.1]"]))
-    assert s.check_layers == [1, 8, 16] and s.layer_ratios == [0.2, 0.15, 0.1]
+    assert s.check_layers == [1, 8, 16] and s.check_ratios == [0.2, 0.15, 0.1]
 
 
 def test_check_layers_follow_the_selection_signal_unless_set():
@@ -36,11 +36,13 @@ def test_check_layers_follow_the_selection_signal_unless_set():
     from engine.resolve import resolve_blend
 
     s = Settings()
-    assert (s.selection_signal, s.resolved_check_layers) == ("stored", [0])  # chooses before any layer
-    assert Settings(selection_signal="value").resolved_check_layers == [1]
-    assert Settings(selection_signal="value", check_layers=[2]).resolved_check_layers == [2]
+    assert s.selection_signal == "stored"
+    # stored: chooses before any layer, then again at layer 8 of 30 (the funnel schedule)
+    assert resolve_blend(BlendParams(), s, 30, 0.15)[1].check_layers == (0, 8)
+    assert resolve_blend(BlendParams(), Settings(check_ratios=[0.2]), 30, 0.15)[1].check_layers == (0,)
+    assert resolve_blend(BlendParams(), Settings(selection_signal="value"), 30, 0.15)[1].check_layers == (1,)
+    assert resolve_blend(BlendParams(), Settings(selection_signal="value", check_layers=[2]), 30, 0.15)[1].check_layers == (2,)
     # per request: another signal brings its own layer; explicit layers win
-    assert resolve_blend(BlendParams(), s, 30, 0.15)[1].check_layers == (0,)
     assert resolve_blend(BlendParams(selection_signal="sensitivity"), s, 30, 0.15)[1].check_layers == (1,)
     assert resolve_blend(BlendParams(selection_signal="sensitivity", check_layers=[3]), s, 30, 0.15)[1].check_layers == (3,)
     server = Settings(check_layers=[2, 5], check_ratios=[0.3, 0.2])  # the server's layers and ratios go with its signal

@@ -200,7 +200,11 @@ def test_a_tiny_temperature_is_greedy_and_fails_no_one(engine, temperature):
 def test_a_request_resolved_at_submit_keeps_its_spec(engine):
     """The spec is frozen on the request: a later change of the server's ratio does not touch it."""
     r = engine.make_request("frozen", segments(engine), SamplingParams(max_tokens=1, temperature=0), BlendParams(mode="cacheblend"))
-    assert r.mode == "cacheblend" and r.spec.ratios == (engine.recompute_ratio,) and r.sampling.max_tokens == 1
+    from engine.selection import funnel_schedule
+
+    schedule = funnel_schedule(engine.recompute_ratio, engine.model.cfg.num_layers)
+    assert r.mode == "cacheblend" and (r.spec.check_layers, r.spec.ratios) == schedule and r.sampling.max_tokens == 1
+    assert r.spec.ratio == engine.recompute_ratio
     unbounded = engine.make_request("u", segments(engine), SamplingParams(max_tokens=None))
     assert unbounded.sampling.max_tokens == engine.max_model_len - unbounded.num_prompt_tokens
 

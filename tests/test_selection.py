@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
-from engine.selection import context_sensitivity, kv_deviation, num_selected, select_hkvd, select_pooled, sensitivity_layers
+from engine.selection import (context_sensitivity, funnel_schedule, kv_deviation, num_selected, select_hkvd, select_pooled,
+                              sensitivity_layers)
 
 
 def test_num_selected_is_ceil_without_float_fuzz():
@@ -60,3 +62,28 @@ def test_context_sensitivity_is_relative_movement_summed_over_the_layers():
     probed[0, :, 0, :] += 5.0            # layer 0 is outside the window: ignored
     got = context_sensitivity(values, probed, range(1, 3))
     assert torch.allclose(got, torch.tensor([0.0, 0.0, 4 / 16, 8 / 16]))
+
+
+def test_funnel_spends_the_ratio_budget_in_two_stages():
+    layers, (early, late) = funnel_schedule(0.15, 30)
+    assert layers == (0, 8)
+    assert early == pytest.approx(late * 5 / 3)              # the first stage is the wider one
+    assert 8 * early + 21 * late == pytest.approx(0.15 * 29)  # as many token-layers as 0.15 at every layer
+    assert (early, late) == pytest.approx((0.2112, 0.1267), abs=1e-4)
+
+
+def test_funnel_widens_to_every_token_and_reaches_full_prefill_at_ratio_one():
+    assert funnel_schedule(1.0, 30) == ((0, 8), (1.0, 1.0))
+    layers, (early, late) = funnel_schedule(0.9, 30)
+    assert early == 1.0 and 8 * early + 21 * late == pytest.approx(0.9 * 29)
+    previous = (0.0, 0.0)
+    for r in [i / 20 for i in range(21)]:                    # both stages grow with the ratio
+        _, stages = funnel_schedule(r, 30)
+        assert stages[0] >= stages[1] and stages[0] >= previous[0] and stages[1] >= previous[1]
+        previous = stages
+
+
+def test_funnel_of_a_shallow_model_is_layer_zero_alone():
+    assert funnel_schedule(0.15, 1) == ((0,), (0.15,))
+    assert funnel_schedule(0.15, 2) == ((0,), (0.15,))       # its middle check would be its last layer
+    assert funnel_schedule(0.15, 4)[0] == (0, 1)
