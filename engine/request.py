@@ -37,7 +37,7 @@ class BlendSpec:
     ratios: tuple[float, ...] = ()      # one per check layer, non-increasing
     signal: str = "value"               # "value" | "key" | "sensitivity" | "stored" | "random"
     pool: float = 0.5                   # "sensitivity": share pre-selected by value deviation
-    ratio: Optional[float] = None       # the recompute_ratio it was resolved from (a label for stats and the controller)
+    ratio: Optional[float] = None       # the recompute_ratio it was resolved from (a label for stats and the controller; None: no selection)
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class RequestStats:
 def record_prefill(st: RequestStats, req: "Request", pre: "Prefilled", first_decode_s: float, ttft_s: float) -> None:
     """What a finished prefill tells about a request: its mode, tokens by source, phases, TTFT."""
     st.mode = req.mode
-    st.ratio = req.spec.ratio if req.spec.ratios else None
+    st.ratio = req.spec.ratio
     for name, value in prefill_record(pre).items():
         setattr(st, name, value)
     st.first_decode_s = first_decode_s

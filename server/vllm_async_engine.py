@@ -164,7 +164,7 @@ class VllmAsyncEngine:
 
     async def _run(self, request: Request, stream: RequestStream) -> None:
         st = RequestStats(prompt_tokens=request.num_prompt_tokens, mode=request.mode,
-                          ratio=request.spec.ratio if request.spec.ratios else None)
+                          ratio=request.spec.ratio)
         last: Optional[float] = None
         out = RequestOutput(request.request_id, "", [], finished=True, finish_reason="abort")
         try:
