@@ -98,9 +98,11 @@ def add_linear(h: torch.Tensor, x: torch.Tensor, w: torch.Tensor, packed: Option
 
 
 def pack_weight(w: torch.Tensor) -> Optional[torch.Tensor]:
-    """w [out, in] in oneDNN's blocked layout for `linear`'s few-row path; None off CPU and for
-    bf16 (measured in fp32 only; oneDNN packs bf16 only on CPUs with AVX512BW or AVX-NE-CONVERT)."""
-    if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+    """w [out, in] in oneDNN's blocked layout for `linear`'s few-row path; None off CPU, and for
+    bf16 where oneDNN has no bf16 kernels (CPUs without AVX512BW or AVX-NE-CONVERT)."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return torch.ops.mkldnn._reorder_linear_weight(w, 8)
     return None
 

@@ -78,6 +78,14 @@ def test_bench_attention_times_both_decode_attentions(tmp_path, capsys):
     assert set(decode) == {"torch ops", "compiled"} and all(v > 0 for v in decode.values())
 
 
+def test_bench_decode_times_steps_on_packed_and_plain_weights(tmp_path):
+    out = tmp_path / "decode.json"
+    assert main(["bench", "decode", "--batches", "1,2", "--context", "32", "--steps", "2", "--repeat", "1",
+                 "--json", str(out)]) == 0
+    best = json.loads(out.read_text())["best_s"]
+    assert set(best) == {f"batch {b}: {w}" for b in (1, 2) for w in ("plain", "packed")} and all(v > 0 for v in best.values())
+
+
 def test_bench_batch_computes_the_same_rows_batched_as_separately(engine, tmp_path, capsys):
     import torch
 

@@ -66,3 +66,23 @@ def test_bf16_changes_quality_far_less_than_reuse(settings):
     assert full16.argmax() == full32.argmax()
     blend16 = _first_token_logits(bf16, mode="cacheblend", recompute_ratio=1.0)
     assert _kl(full16, blend16) < 1e-6
+
+
+def test_few_row_linear_on_the_packed_weight_matches_the_plain_one():
+    from engine.model import FEW_ROWS, linear, pack_weight
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        w, b = torch.randn(96, 64).to(dtype), torch.randn(96).to(dtype)
+        packed = pack_weight(w)
+        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            assert packed is None  # oneDNN would emulate bf16 here: the plain path is kept
+            continue
+        assert packed is not None
+        for rows in (1, 8, FEW_ROWS):
+            x = torch.randn(rows, 64).to(dtype)
+            want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+            got = linear(x, w, b, packed)
+            assert got.dtype == dtype and got.shape == (rows, 96)
+            # bf16: inputs exact in both, fp32 accumulation, one rounding of the output
+            torch.testing.assert_close(got.float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-4)
