@@ -51,7 +51,6 @@ def run(args: argparse.Namespace) -> int:
             for name, on in (("plain", False), ("packed", True)):
                 _set_packed(model, packed, on)
                 samples.setdefault(f"batch {batch}: {name}", []).append(decode_time(model, prompts, args.steps) / args.steps)
-    _set_packed(model, packed, True)
     best = {k: min(v) for k, v in samples.items()}
     print(f"{model.cfg.num_layers} layers, {model.dtype}, {args.context}-token contexts; ms per decode step, best of {args.repeat}")
     for batch in map(int, args.batches.split(",")):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.selection import (context_sensitivity, funnel_schedule, kv_deviation, num_selected, select_hkvd, select_pooled,
+from engine.selection import (FIRST_STAGE, context_sensitivity, funnel_schedule, kv_deviation, num_selected, select_hkvd, select_pooled,
                               sensitivity_layers)
 
 
@@ -65,21 +65,28 @@ def test_context_sensitivity_is_relative_movement_summed_over_the_layers():
 
 
 def test_funnel_spends_the_ratio_budget_in_two_stages():
-    layers, (early, late) = funnel_schedule(0.15, 30)
-    assert layers == (0, 8)
-    assert early == pytest.approx(late * 5 / 3)              # the first stage is the wider one
-    assert 8 * early + 21 * late == pytest.approx(0.15 * 29)  # as many token-layers as 0.15 at every layer
-    assert (early, late) == pytest.approx((0.2112, 0.1267), abs=1e-4)
+    for r, want in [(0.15, (0.2112, 0.1267)), (0.08, (0.1671, 0.0468)), (0.05, (0.1403, 0.0156))]:
+        layers, (early, late) = funnel_schedule(r, 30)
+        assert layers == (0, 8)
+        assert 8 * early + 21 * late == pytest.approx(r * 29)    # as many token-layers as r at every layer
+        assert (early, late) == pytest.approx(want, abs=1e-4)
+    for r, share in FIRST_STAGE:                                 # the chosen first stages, exactly
+        assert funnel_schedule(r, 30)[1][0] == pytest.approx(share)
+    widths = [funnel_schedule(r, 30)[1][0] / r for r in (0.15, 0.08, 0.05)]
+    assert widths == sorted(widths)                              # the lower the ratio, the wider the first stage
 
 
-def test_funnel_widens_to_every_token_and_reaches_full_prefill_at_ratio_one():
+def test_funnel_is_one_stage_at_large_ratios_and_a_full_prefill_at_one():
     assert funnel_schedule(1.0, 30) == ((0, 8), (1.0, 1.0))
-    layers, (early, late) = funnel_schedule(0.9, 30)
-    assert early == 1.0 and 8 * early + 21 * late == pytest.approx(0.9 * 29)
+    assert funnel_schedule(0.5, 30) == ((0, 8), (0.5, 0.5))  # past about 0.26 both stages keep r
+    early, late = funnel_schedule(0.03, 30)[1]
+    assert late == 0.0 and 8 * early == pytest.approx(0.03 * 29)  # a tiny budget goes to the first stage
+    assert funnel_schedule(0.0, 30)[1] == (0.0, 0.0)
     previous = (0.0, 0.0)
-    for r in [i / 20 for i in range(21)]:                    # both stages grow with the ratio
+    for r in [i / 100 for i in range(101)]:                  # both stages grow with the ratio
         _, stages = funnel_schedule(r, 30)
-        assert stages[0] >= stages[1] and stages[0] >= previous[0] and stages[1] >= previous[1]
+        assert stages[0] >= stages[1] >= 0.0 and stages[0] >= previous[0] and stages[1] >= previous[1]
+        assert 8 * stages[0] + 21 * stages[1] == pytest.approx(r * 29)
         previous = stages
 
 
