@@ -44,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"no packed weights for {model.dtype} on this device: nothing to compare")
         return 1
     ids = list(range(1000, 1000 + 2 * args.context))  # token IDs: a step's cost does not depend on them
+    batches = [int(b) for b in args.batches.split(",")]
     samples: dict[str, list[float]] = {}
-    for batch in map(int, args.batches.split(",")):
+    for batch in batches:
         prompts = decode_prompts(ids, batch, args.context)
         for _ in range(args.repeat):
             for name, on in (("plain", False), ("packed", True)):
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                 samples.setdefault(f"batch {batch}: {name}", []).append(decode_time(model, prompts, args.steps) / args.steps)
     best = {k: min(v) for k, v in samples.items()}
     print(f"{model.cfg.num_layers} layers, {model.dtype}, {args.context}-token contexts; ms per decode step, best of {args.repeat}")
-    for batch in map(int, args.batches.split(",")):
+    for batch in batches:
         plain, fast = best[f"batch {batch}: plain"], best[f"batch {batch}: packed"]
         print(f"  batch {batch:>3}   plain {plain * 1e3:7.1f}   packed {fast * 1e3:7.1f}   packed is {plain / fast:5.2f}x as fast")
     if args.json:

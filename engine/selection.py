@@ -48,8 +48,9 @@ def sensitivity_layers(num_layers: int) -> range:
 
 # The funnel's first stage (the share of chunk tokens kept before its second check) as (r, share):
 # the best on the dev split at r=0.15 (0.2 then 0.12; 0.2112 then 0.1267 spend the whole budget) and
-# r=0.05 (0.14 then 0.016: KL 0.54x full_reuse's, against 0.67x for 0.07 then 0.042). At every ratio tried below 0.15 a wider first stage won: a small
-# budget buys more in the 8 early layers than in the 21 late ones, whose deviation matters least.
+# r=0.05 (0.14 then 0.016: KL 0.54x full_reuse's, against 0.67x for 0.07 then 0.042). At every
+# ratio tried below 0.15 a wider first stage won: a small budget buys more in the 8 early layers
+# than in the 21 late ones, whose deviation matters least.
 FIRST_STAGE = ((0.05, 0.1403), (0.15, 0.2112))
 
 
