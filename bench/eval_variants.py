@@ -38,10 +38,14 @@ class Variant:
 
 
 ALL_VARIANTS = "default,head4,prefix_ctx,gradual,value_signal,key_signal,check0,check2,check3,random_sel"
-VARIANT_HELP = ("default | headN (recompute the first N tokens of every chunk) | prefix_ctx / sink_ctx (chunk KV "
-                "precomputed after the prompt prefix / a sink token) | gradual (check layers 1,8,16 at ratios "
+VARIANT_HELP = ("default | headN (recompute the first N tokens of every chunk) | prefix_ctx / sink_ctx / passage_ctx "
+                "(chunk KV precomputed after the prompt prefix / a sink token / the prefix and a neutral passage) | gradual (check layers 1,8,16 at ratios "
                 ".2,.15,.1) | sched:1=.2/20=.05 (check layers and their ratios) | key_signal / value_signal / sensitivity_signal / stored_signal | poolS (sensitivity with pool share S) | checkN (one check layer N) | random_sel (control: as many "
                 f"tokens chosen at random instead of by deviation); 'all' = {ALL_VARIANTS}")
+
+
+CONTEXTS = {"prefix_ctx": "the prompt prefix", "sink_ctx": "a sink token",
+            "passage_ctx": "the prompt prefix and a neutral passage"}
 
 
 def parse_variant(name: str, num_layers: int) -> Variant:
@@ -51,10 +55,8 @@ def parse_variant(name: str, num_layers: int) -> Variant:
     if name.startswith("head") and name[4:].isdigit():
         n = int(name[4:])
         return Variant(name, f"recompute the first {n} tokens of every chunk", {"recompute_chunk_head": n})
-    if name in ("prefix_ctx", "sink_ctx"):
-        ctx = name.removesuffix("_ctx")
-        return Variant(name, f"chunk KV precomputed after the {'prompt prefix' if ctx == 'prefix' else 'sink token'}",
-                       {"chunk_context": ctx})
+    if name in CONTEXTS:
+        return Variant(name, f"chunk KV precomputed after {CONTEXTS[name]}", {"chunk_context": name.removesuffix("_ctx")})
     if name == "gradual":
         layers = (1, 8, 16)
         if layers[-1] >= num_layers:  # small models: spread the same three steps over their depth

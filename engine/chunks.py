@@ -7,6 +7,8 @@ served):
   KV is far from what it is in a real prompt (the paper's code does the same).
 - "prefix": the default prompt prefix (chat template head) in front instead. A chunk that
   follows that prefix in a request then has exactly the KV a full prefill would give it.
+- "passage": the prefix, then a neutral passage (the probe), in front. In a RAG prompt all but
+  the first chunk follow another passage, and their KV is closer to one computed behind one.
 K is stored before RoPE, so it is placed at any position by rotating it there.
 
 With a probe (the "sensitivity" and "stored" selection signals) the chunk is run a second time with a fixed
@@ -46,9 +48,15 @@ PROBE_TEXT = ("The river rises in the northern hills and flows south through far
 @dataclass(frozen=True)
 class Precompute:
     """How chunk KV is made for one model: the context tokens put in front of every chunk."""
-    name: str                   # "sink" | "prefix"
+    name: str                   # "sink" | "prefix" | "passage"
     context: tuple[int, ...]    # token IDs computed before the chunk and dropped
     probe: tuple[int, ...] = () # probe passage token IDs; empty: no sensitivity is measured
+
+    @property
+    def keeps_probed(self) -> bool:
+        """Whether the stored KV is the run behind the probe, not the one behind the context alone
+        ("passage" with a probe; without one, the passage is part of the context)."""
+        return self.name == "passage" and bool(self.probe)
 
     @property
     def tag(self) -> str:
@@ -57,12 +65,18 @@ class Precompute:
 
     @classmethod
     def for_settings(cls, tokenizer, settings: "Settings") -> "Precompute":
-        """The convention `--chunk-context` names; the probe only when the selection signal reads it."""
+        """The convention `--chunk-context` names; the probe only when the selection signal reads it.
+        "passage" puts the probe passage in front of the chunk: behind the prefix as a second run
+        when there is a probe (so the sensitivity costs one forward), else as part of the context."""
         with_probe = settings.selection_signal in ("sensitivity", "stored")
-        probe = tuple(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)) if with_probe else ()
+        passage = tuple(tokenizer.encode(PROBE_TEXT, add_special_tokens=False))
+        probe = passage if with_probe else ()
         if settings.chunk_context == "sink":
             return cls("sink", (sink_token_id(tokenizer),), probe)
-        return cls("prefix", default_prefix_ids(tokenizer, settings.chat_preamble), probe)
+        prefix = default_prefix_ids(tokenizer, settings.chat_preamble)
+        if settings.chunk_context == "passage" and not with_probe:
+            return cls("passage", prefix + passage)
+        return cls(settings.chunk_context, prefix, probe)
 
 
 def sink_token_id(tokenizer) -> int:
@@ -79,16 +93,21 @@ def key_for(model: Transformer, pre: Precompute, token_ids: tuple[int, ...], kv_
 
 
 def precompute_chunk(model: Transformer, pre: Precompute, token_ids: tuple[int, ...]) -> ChunkKV:
-    """Run the chunk after its context tokens; return its layers' pre-RoPE K and V (and its
-    token sensitivity when `pre` has a probe)."""
-    result, cache = _run_after(model, pre.context, token_ids, collect_pre_rope=True)
+    """Run the chunk after its context tokens (and after the probe too, when `pre` has one);
+    return its layers' pre-RoPE K and V from the run the convention keeps, and its token
+    sensitivity (how far V moved between the two runs) when there is a probe."""
     ctx = len(pre.context)
-    keys = result.pre_rope_k[:, :, ctx:].clone()   # [L, Hkv, T, D]
-    values = cache.v[:, :, ctx:].clone()            # [L, Hkv, T, D]
-    sensitivity = None
+    alone, alone_cache = _run_after(model, pre.context, token_ids, collect_pre_rope=not pre.keeps_probed)
+    kept, kept_cache, start, sensitivity = alone, alone_cache, ctx, None
     if pre.probe and token_ids:
-        _, probed = _run_after(model, pre.context + pre.probe, token_ids)
-        sensitivity = context_sensitivity(values, probed.v[:, :, ctx + len(pre.probe):], sensitivity_layers(model.cfg.num_layers))
+        behind = ctx + len(pre.probe)
+        probed, probed_cache = _run_after(model, pre.context + pre.probe, token_ids, collect_pre_rope=pre.keeps_probed)
+        sensitivity = context_sensitivity(alone_cache.v[:, :, ctx:], probed_cache.v[:, :, behind:],
+                                          sensitivity_layers(model.cfg.num_layers))
+        if pre.keeps_probed:
+            kept, kept_cache, start = probed, probed_cache, behind
+    keys = kept.pre_rope_k[:, :, start:].clone()   # [L, Hkv, T, D]
+    values = kept_cache.v[:, :, start:].clone()     # [L, Hkv, T, D]
     return ChunkKV(keys, values, 0, "computed", sensitivity)
 
 

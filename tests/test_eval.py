@@ -210,6 +210,8 @@ def test_parse_variants():
     by = {v.name: v for v in vs}
     assert by["head4"].engine_overrides == {"recompute_chunk_head": 4}
     assert by["prefix_ctx"].engine_overrides == {"chunk_context": "prefix"}
+    assert parse_variant("passage_ctx", 30).engine_overrides == {"chunk_context": "passage"}
+    assert parse_variant("sink_ctx", 30).engine_overrides == {"chunk_context": "sink"}
     g = by["gradual"].spec(0.15)
     assert g.check_layers == (1, 8, 16) and g.check_ratios == (0.2, 0.15, 0.1) and g.ratio == 0.1
     assert by["key_signal"].spec(0.15).selection_signal == "key"
