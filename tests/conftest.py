@@ -46,6 +46,16 @@ PASSAGES = [
 QUESTION = "In which city was the engineer whose company built the Eiffel Tower born? Answer briefly."
 
 
+def full_prefill(model, ids: torch.Tensor):
+    """Every token of `ids` [N] computed at every layer: the reference the blend is checked against
+    (its `.cache` holds the post-RoPE K, V; `.logits` the last token's)."""
+    from engine.blend import KVCache, PrefillInput, blend_prefill
+    from engine.request import BlendSpec
+
+    return blend_prefill(model, PrefillInput(ids, torch.ones(ids.numel(), dtype=torch.bool)), BlendSpec(),
+                         KVCache.allocate(model, ids.numel()))
+
+
 def tiny_hf_model(kind: str, rope_scaling: dict | None = None, seed: int = 0):
     """A small random model of the given architecture (Hugging Face reference implementation)."""
     from transformers import AutoConfig, AutoModelForCausalLM

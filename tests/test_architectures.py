@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_hf_model
+from conftest import full_prefill, tiny_hf_model
 from engine.blend import KVCache, PrefillInput, blend_prefill
 from engine.request import BlendSpec
 from engine.chunks import Precompute, precompute_chunk
@@ -19,11 +19,6 @@ CASES = [
     ("qwen3", None),
 ]
 IDS = ["llama", "llama-llama3", "llama-yarn", "llama-linear", "mistral", "qwen2", "qwen3"]
-
-
-def full_prefill(model, ids):
-    cache = KVCache.allocate(model, ids.numel())
-    return blend_prefill(model, PrefillInput(ids, torch.ones(ids.numel(), dtype=torch.bool)), BlendSpec(), cache)
 
 
 @pytest.mark.parametrize("kind,scaling", CASES, ids=IDS)

@@ -2,18 +2,14 @@
 
 import torch
 
-from conftest import tiny_hf_model
-from engine.blend import KVCache, PrefillInput, blend_prefill
+from conftest import full_prefill, tiny_hf_model
 from engine.chunks import Precompute, precompute_chunk
 from engine.model import Transformer
-from engine.request import BlendSpec
 
 
 def kv_behind(model, context, chunk):
     """Post-RoPE K and V of `chunk` at every layer, computed directly behind `context`: [L, Hkv, T, D]."""
-    ids = torch.tensor(context + chunk)
-    cache = KVCache.allocate(model, ids.numel())
-    blend_prefill(model, PrefillInput(ids, torch.ones(ids.numel(), dtype=torch.bool)), BlendSpec(), cache)
+    cache = full_prefill(model, torch.tensor(context + chunk)).cache
     return cache.k[:, :, len(context):], cache.v[:, :, len(context):]
 
 

@@ -3,18 +3,14 @@
 import pytest
 import torch
 
-from conftest import tiny_hf_model
-from engine.blend import KVCache, PrefillInput, blend_prefill
-from engine.request import BlendSpec
+from conftest import full_prefill, tiny_hf_model
 from engine.chunks import Precompute, precompute_chunk
 from engine.model import Transformer
 
 
 def layer0_at(model, filler, chunk):
     """Post-RoPE layer-0 K, V of `chunk` computed directly behind `filler` tokens."""
-    ids = torch.cat([filler, chunk])
-    cache = KVCache.allocate(model, ids.numel())
-    blend_prefill(model, PrefillInput(ids, torch.ones(ids.numel(), dtype=torch.bool)), BlendSpec(), cache)
+    cache = full_prefill(model, torch.cat([filler, chunk])).cache
     p = filler.numel()
     return cache.k[0, :, p:], cache.v[0, :, p:]
 
