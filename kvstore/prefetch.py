@@ -15,6 +15,7 @@ tensor (2,049 calls, 320 ms of host time per 32k-token prefill on an H200).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import logging
 import threading
@@ -36,6 +37,18 @@ LAYER_WAIT_S = 60.0
 # first decode step after a prefill started take 0.13-0.26 s, not 0.05 s), and its memory stays
 # a few layers.
 LOOKAHEAD = 2
+
+
+def one_thread_here() -> None:
+    """Run this thread's torch ops on this thread alone: a team of its own would take the cores
+    from the engine's. Not `torch.set_num_threads(1)`: that also sets torch's process-wide count,
+    which a C++ extension's first parallel call on the engine's thread then adopts (its own lazy
+    OpenMP init), and from then on the engine's prefills and decodes ran on one core of two."""
+    torch.get_num_threads()  # torch's lazy OpenMP init for this thread, which would undo the next line
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)  # this thread's ICV only; torch's copy (same soname)
+    except (OSError, AttributeError):  # no GNU OpenMP (another platform's torch): the loader shares the team
+        pass
 
 
 @functools.cache
@@ -88,8 +101,7 @@ class LayerPrefetcher:
 
     def _run(self) -> None:
         if self._stream is None:
-            # one thread here: a team of its own would take both cores from the engine's
-            torch.set_num_threads(1)
+            one_thread_here()
         try:
             with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
                 self._stream_layers()

@@ -1063,6 +1063,39 @@ def test_layer_prefetcher_reads_only_a_few_layers_ahead_of_the_consumer(tmp_path
             assert reads.first_layers == list(range(L))
 
 
+class _ThreadCountReads:
+    """A store that records torch's thread count on the thread that reads (the loader's)."""
+
+    def __init__(self, store) -> None:
+        self.store, self.counts = store, []
+
+    def get(self, key, layers=None):
+        self.counts.append(torch.get_num_threads())
+        return self.store.get(key, layers)
+
+
+def test_layer_prefetcher_runs_single_threaded_without_changing_other_threads(tmp_path: Path) -> None:
+    """The loader runs its torch ops on one thread, and every other thread keeps torch's
+    count: `torch.set_num_threads(1)` there once made the engine's thread (and any thread that
+    starts later) adopt 1, halving prefill and decode speed on 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with make_store(tmp_path) as s:
+            s.put(key_of(0), make_kv(0))
+            reads = _ThreadCountReads(s)
+            with LayerPrefetcher(reads, [key_of(0)], L) as pf:
+                pf.layer(L - 1)
+        assert reads.counts and set(reads.counts) == {1}
+        later: list[int] = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 2 and later == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_layer_prefetcher_reports_a_dead_loader_instead_of_hanging(tmp_path: Path) -> None:
     with make_store(tmp_path) as s:
         s.put(key_of(0), make_kv(0))
