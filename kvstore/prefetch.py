@@ -45,10 +45,18 @@ def one_thread_here() -> None:
     which a C++ extension's first parallel call on the engine's thread then adopts (its own lazy
     OpenMP init), and from then on the engine's prefills and decodes ran on one core of two."""
     torch.get_num_threads()  # torch's lazy OpenMP init for this thread, which would undo the next line
+    set_threads = _omp_set_num_threads()
+    if set_threads is not None:  # else no GNU OpenMP (another platform's torch): the loader shares the team
+        set_threads(1)  # this thread's ICV only
+
+
+@functools.cache
+def _omp_set_num_threads():
+    """libgomp's omp_set_num_threads, looked up once (torch's copy: the same soname), or None."""
     try:
-        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)  # this thread's ICV only; torch's copy (same soname)
-    except (OSError, AttributeError):  # no GNU OpenMP (another platform's torch): the loader shares the team
-        pass
+        return ctypes.CDLL("libgomp.so.1").omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
 
 
 @functools.cache

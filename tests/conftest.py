@@ -46,14 +46,14 @@ PASSAGES = [
 QUESTION = "In which city was the engineer whose company built the Eiffel Tower born? Answer briefly."
 
 
-def full_prefill(model, ids: torch.Tensor):
+def full_prefill(model, ids: torch.Tensor, capacity: int = 0):
     """Every token of `ids` [N] computed at every layer: the reference the blend is checked against
-    (its `.cache` holds the post-RoPE K, V; `.logits` the last token's)."""
+    (its `.cache`, of max(N, capacity) positions, holds the post-RoPE K, V; `.logits` the last token's)."""
     from engine.blend import KVCache, PrefillInput, blend_prefill
     from engine.request import BlendSpec
 
     return blend_prefill(model, PrefillInput(ids, torch.ones(ids.numel(), dtype=torch.bool)), BlendSpec(),
-                         KVCache.allocate(model, ids.numel()))
+                         KVCache.allocate(model, max(ids.numel(), capacity)))
 
 
 def tiny_hf_model(kind: str, rope_scaling: dict | None = None, seed: int = 0):

@@ -85,9 +85,7 @@ def test_batched_decode_step_matches_hf_forward(kind, scaling, attention, monkey
     model = Transformer.from_hf_model(hf, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 300, (n,), generator=g) for n in (9, 40, 23)]
-    caches = [KVCache.allocate(model, p.numel() + 1) for p in prompts]
-    for p, cache in zip(prompts, caches):
-        blend_prefill(model, PrefillInput(p, torch.ones(p.numel(), dtype=torch.bool)), BlendSpec(), cache)
+    caches = [full_prefill(model, p, capacity=p.numel() + 1).cache for p in prompts]  # room for the decoded token
     nxt = [5, 17, 250]
     got = decode_step(model, caches, nxt)
     with torch.no_grad():
