@@ -1,10 +1,12 @@
 """`cacheblend bench attention`: the engine's attention against the alternatives it was chosen over.
 
 SmolLM2-135M's shape (9 query heads, 3 KV heads, head_dim 64), random inputs, one layer:
-- causal prefill over all N tokens: `causal_attention` (torch's CPU flash kernel) vs blocked
-  attention on plain matmuls, each KV head's query heads stacked into one GEMM, exact softmax;
+- causal prefill over all N tokens: torch's CPU flash kernel (SDPA) vs blocked attention on plain
+  matmuls, each KV head's query heads stacked into one GEMM, exact softmax, vs `causal_attention`
+  (the compiled kernel in bf16 on AVX512-BF16, else SDPA);
 - selected queries (a share of the positions, scattered) over the whole cache with the exact
-  causal mask: `causal_attention` at several query-block sizes;
+  causal mask: SDPA at several query-block sizes, and (bf16, AVX512-BF16) the compiled kernel
+  that `causal_attention` takes there;
 - one decode step's attention for a batch (`--decode-batch` sequences with `--decode-tokens` of
   context each, all 30 layers): the compiled kernel (engine/native.py) vs the torch ops.
 Candidates interleaved round by round (the machine is shared); the median per candidate printed.
@@ -20,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from engine import attention, native
-from engine.attention import CausalPlan, append_attend_torch, causal_attention
+from engine.attention import CausalPlan, append_attend_torch, causal_attention, sdpa_blocks
 
 H, HKV, D, LAYERS = 9, 3, 64, 30
 
@@ -87,9 +90,14 @@ def run(args: argparse.Namespace) -> int:
             attention.QUERY_BLOCK = b
             plans[b] = CausalPlan(sel, N, dtype)
         attention.QUERY_BLOCK = 256
-        cands = {"causal: engine (SDPA flash)": lambda: causal_attention(q, k, v, full),
-                 "causal: blocked matmul": lambda: blocked_matmul(q, k, v)}
-        cands.update({f"selected: engine, {b}-query blocks": (lambda p=p: causal_attention(qs, k, v, p)) for b, p in plans.items()})
+        cands = {"causal: SDPA flash": lambda: F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                                                             enable_gqa=True)[0],
+                 "causal: blocked matmul": lambda: blocked_matmul(q, k, v),
+                 "causal: engine": lambda: causal_attention(q, k, v, full)}
+        cands.update({f"selected: SDPA, {b}-query blocks": (lambda p=p: sdpa_blocks(qs, k, v, p)) for b, p in plans.items()})
+        if dtype == torch.bfloat16 and native.blend_attend_op() is not None:
+            out = torch.empty_like(qs)
+            cands["selected: compiled bf16 kernel"] = lambda: native.blend_attend_op()(qs, k, v, sel, out, D ** -0.5)
         decode = f"decode step ({LAYERS} layers), batch {args.decode_batch} x {args.decode_tokens} tokens"
         cands[f"{decode}: torch ops"] = decode_step_attention(append_attend_torch, dtype, args.decode_batch, args.decode_tokens, g)
         if native.append_attend_op() is not None:

@@ -2,15 +2,15 @@
 
 On CPU, bf16 pays only where the cores have bf16 dot-product instructions (AVX512-BF16, AMX):
 there a bf16 GEMM runs about 4x faster than fp32; elsewhere bf16 is converted in software and
-runs several times slower. So `auto` takes bf16 only on such a CPU, and only if a projection-sized
-GEMM measured at start-up confirms it; the choice and its reason are logged once.
+runs several times slower. So `auto` takes bf16 only on such a CPU whose torch (oneDNN) runs bf16
+GEMMs on them; the choice and its reason are logged once. Not by timing a GEMM at start-up: on
+a busy machine one of two replicas measured 1.0x and took fp32, and replicas that share a KV
+store must agree on its format (each rejected the other's chunks).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -47,10 +47,9 @@ def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     flags = cpu_bf16_flags()
     if not flags:
         return torch.float32, f"CPU lacks bf16 dot-product instructions ({'/'.join(BF16_CPU_FLAGS)})"
-    speedup = bf16_gemm_speedup()
-    if speedup > 1.0:
-        return torch.bfloat16, f"CPU has {'+'.join(flags)}; bf16 GEMM measured {speedup:.1f}x faster than fp32"
-    return torch.float32, f"CPU has {'+'.join(flags)} but bf16 GEMM measured {speedup:.1f}x of fp32 speed"
+    if not onednn_bf16():
+        return torch.float32, f"CPU has {'+'.join(flags)} but this torch's oneDNN runs no bf16 GEMM"
+    return torch.bfloat16, f"CPU has {'+'.join(flags)}"
 
 
 def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
@@ -63,16 +62,6 @@ def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     return [f for f in BF16_CPU_FLAGS if f in flags]
 
 
-@lru_cache(maxsize=1)  # measured once per process, however many engines start
-def bf16_gemm_speedup(tokens: int = 1024, hidden: int = 576, out: int = 1536, repeat: int = 3) -> float:
-    """fp32 time / bf16 time of one MLP-projection-sized GEMM (~0.1 s in all), best of `repeat`."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(tokens, hidden, generator=g), torch.randn(out, hidden, generator=g)
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16) * repeat:  # interleaved: noise hits both alike
-        xd, wd = x.to(dtype), w.to(dtype)
-        torch.nn.functional.linear(xd, wd)  # first-call set-up (oneDNN primitive creation)
-        t = time.perf_counter()
-        torch.nn.functional.linear(xd, wd)
-        best[dtype] = min(best.get(dtype, float("inf")), time.perf_counter() - t)
-    return best[torch.float32] / best[torch.bfloat16]
+def onednn_bf16() -> bool:
+    """Whether this torch build's oneDNN runs bf16 GEMMs on this CPU."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

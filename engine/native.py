@@ -1,10 +1,12 @@
-"""The engine's C++ CPU kernel (csrc/), built once per machine and loaded on first use.
+"""The engine's C++ CPU kernels (csrc/), built once per machine and loaded on first use.
 
 `append_attend_op()` returns the compiled batch decode attention (csrc/decode_attention.cpp), or
 None where it cannot be built (no C++ compiler or Python headers): the caller then runs the same
-step as torch ops (attention.append_attend_torch), after one warning.
+step as torch ops (attention.append_attend_torch), after one warning. `blend_attend_op()` returns
+the bf16 attention of selected query rows (csrc/blend_attention.cpp), or None where the module
+cannot be built or the CPU lacks AVX512-BF16 (the caller then uses SDPA).
 
-The build is keyed by the source, the flags, torch's and Python's versions and the CPU's vector
+The build is keyed by the sources, the flags, torch's and Python's versions and the CPU's vector
 width, so an upgrade or another CPU gets its own build. Each build runs in a directory of its
 own and its library is renamed into place only when complete: builders running at once (several
 servers, a killed build) never load a half-written file, and no lock can be left behind.
@@ -29,7 +31,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "ops.cpp", CSRC / "decode_attention.cpp", CSRC / "blend_attention.cpp"]
 # Vector flags per CPU capability (torch's own dispatch names); other CPUs get the compiler's default.
 VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
@@ -43,7 +46,7 @@ def _flags() -> list[str]:
 
 
 def _name(flags: list[str]) -> str:
-    key = hashlib.sha256(SOURCE.read_bytes())
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     key.update(" ".join([*flags, torch.__version__, sys.version]).encode())
     return f"cacheblend_decode_{key.hexdigest()[:12]}"
 
@@ -73,23 +76,36 @@ def build() -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=lib.parent, prefix=f"{name}.build-") as tmp:
-        load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=tmp, verbose=False)
+        load(name, [str(source) for source in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], build_directory=tmp, verbose=False)
         os.replace(Path(tmp) / f"{name}.so", lib)  # same file system, atomic: readers see no library or a whole one
-    log.info("built the decode attention kernel in %.0f s: %s", time.perf_counter() - t0, lib)
+    log.info("built the CPU kernels in %.0f s: %s", time.perf_counter() - t0, lib)
     return lib
 
 
 @lru_cache(maxsize=1)
-def append_attend_op() -> Optional[Callable[..., None]]:
-    """The compiled `append_attend(q, k_new, v_new, k_caches, v_caches, positions, layer, out)`,
-    or None (logged once) where it cannot be built."""
+def _module():
+    """The built module, or None (logged once) where it cannot be built."""
     try:
         lib = build()
-        return _import(lib.stem, lib).append_attend
-    except Exception as e:  # no compiler, no headers, no ninja: decode still runs, slower
-        log.warning("decode attention kernel unavailable (%s: %s); decoding with torch ops, slower at large batches",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return _import(lib.stem, lib)
+    except Exception as e:  # no compiler, no headers, no ninja: torch ops instead, slower
+        log.warning("CPU kernels unavailable (%s: %s); decode attention runs as torch ops (slower at large batches), "
+                    "blend attention as SDPA", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
+
+
+def append_attend_op() -> Optional[Callable[..., None]]:
+    """The compiled `append_attend(q, k_new, v_new, k_caches, v_caches, positions, layer, out)`, or None."""
+    module = _module()
+    return None if module is None else module.append_attend
+
+
+@lru_cache(maxsize=1)
+def blend_attend_op() -> Optional[Callable[..., None]]:
+    """The compiled `blend_attend(q, k, v, q_pos, out, scale)`, or None: no module, or a CPU
+    without AVX512-BF16 (the kernel's one instruction set)."""
+    module = _module()
+    return module.blend_attend if module is not None and module.blend_attend_supported() else None
 
 
 if __name__ == "__main__":

@@ -134,3 +134,40 @@ def test_compiled_decode_attention_refuses_a_position_beyond_the_cache():
     with pytest.raises(RuntimeError, match="position beyond the cache"):
         append_attend_op()(q, k_new, v_new, k_caches, v_caches, [3, 64], 0, torch.empty(2, 6, 16))
     assert all(torch.equal(a, b) for a, b in zip(k_caches, before))  # checked before anything is written
+
+
+def _needs_bf16_kernel():
+    from engine import device, native
+
+    if "avx512_bf16" not in device.cpu_bf16_flags():
+        pytest.skip("the bf16 blend kernel needs a CPU with AVX512-BF16")
+    op = native.blend_attend_op()
+    assert op is not None, "the CPU has AVX512-BF16 but the compiled blend kernel did not build"
+    return op
+
+
+@pytest.mark.parametrize("count", [1, 5, 23, 67])
+def test_compiled_bf16_blend_attention_matches_brute_force(monkeypatch, count):
+    """Selected rows through causal_attention take the compiled kernel (head dim 64, bf16) and
+    match the reference: partial key tiles, a short register block, position 0 and N - 1."""
+    op = _needs_bf16_kernel()
+    calls = []
+    monkeypatch.setattr(attention.native, "blend_attend_op", lambda: lambda *a: (calls.append(1), op(*a)))
+    g = torch.Generator().manual_seed(6)
+    N, D = 300, 64
+    inner = torch.randperm(N - 2, generator=g)[:max(count - 2, 0)] + 1
+    q_pos = torch.cat([torch.tensor([0]), inner, torch.tensor([N - 1])]).sort().values if count > 1 else torch.tensor([N - 1])
+    rows = torch.randn(q_pos.numel(), 6, D, generator=g).bfloat16()
+    q = rows.transpose(0, 1)                                # [H, S, D], strided as the model makes it
+    k, v = (torch.randn(2, N, D, generator=g).mul(2).bfloat16() for _ in range(2))
+    got = causal_attention(q, k, v, CausalPlan(q_pos, N, q.dtype))
+    assert calls, "causal_attention did not take the compiled kernel"
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), brute_force(q.float(), k.float(), v.float(), q_pos), atol=ATOL[torch.bfloat16])
+
+
+def test_compiled_bf16_blend_attention_refuses_a_position_beyond_the_keys():
+    op = _needs_bf16_kernel()
+    q, k = torch.zeros(6, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 10, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="beyond the keys"):
+        op(q, k, k, torch.tensor([3, 10]), torch.empty_like(q), 0.125)

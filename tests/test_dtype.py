@@ -18,15 +18,23 @@ def test_bf16_flags_read_from_cpuinfo(tmp_path):
     assert device.cpu_bf16_flags(tmp_path / "absent") == []
 
 
-def test_auto_takes_bf16_only_where_native_and_measured_faster(monkeypatch):
+def test_auto_takes_bf16_only_where_native_in_the_cpu_and_in_torch(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(device, "cpu_bf16_flags", lambda: [])
     assert device.auto_dtype(cpu)[0] == torch.float32
     monkeypatch.setattr(device, "cpu_bf16_flags", lambda: ["amx_bf16"])
-    monkeypatch.setattr(device, "bf16_gemm_speedup", lambda: 3.5)
-    assert device.auto_dtype(cpu)[0] == torch.bfloat16
-    monkeypatch.setattr(device, "bf16_gemm_speedup", lambda: 0.8)
+    monkeypatch.setattr(device, "onednn_bf16", lambda: True)
+    assert device.auto_dtype(cpu) == (torch.bfloat16, "CPU has amx_bf16")
+    monkeypatch.setattr(device, "onednn_bf16", lambda: False)
     assert device.auto_dtype(cpu)[0] == torch.float32
+
+
+def test_auto_is_the_same_choice_however_busy_the_machine():
+    """Replicas sharing a KV store must agree on its format: no start-up timing decides it."""
+    cpu = torch.device("cpu")
+    assert len({device.auto_dtype(cpu) for _ in range(3)}) == 1
+    assert device.auto_dtype(cpu)[0] == (torch.bfloat16 if device.cpu_bf16_flags() and device.onednn_bf16()
+                                         else torch.float32)
 
 
 def test_choice_logged_once_with_reason(monkeypatch, caplog):

@@ -114,7 +114,3 @@ void append_attend(const at::Tensor& q, const at::Tensor& k_new, const at::Tenso
     TORCH_CHECK(false, "append_attend: float32, bfloat16 or float16 only");
   }
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("append_attend", &append_attend, "append each sequence's new K/V and attend its queries over its cache");
-}

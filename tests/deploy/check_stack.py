@@ -203,6 +203,17 @@ def test_the_model_was_converted_at_build_time():
         assert "converting embedded model" not in log, f"{service} converted the model at start-up"
 
 
+def test_the_decode_kernel_was_built_at_build_time():
+    """The image carries the compiled decode attention kernel for each CPU capability, and the
+    replicas load it (no compiler in the image: a missing build would fall back to torch ops)."""
+    listing = docker("run", "--rm", "--network", "none", "--entrypoint", "sh", IMAGE, "-c",
+                     "ls $TORCH_EXTENSIONS_DIR/cacheblend/")
+    assert len(re.findall(r"^cacheblend_decode_\w+\.so$", listing, re.M)) == 3, listing
+    for service in REPLICAS:
+        log = logs(container(service))
+        assert "CPU kernels unavailable" not in log, f"{service} runs without the compiled kernels"
+
+
 def test_docker_stop_of_a_replica_fails_no_request_and_shuts_it_down_gracefully():
     """Requests flow through nginx while one replica is stopped: none fails with one client
     retry (nginx passes refused or draining requests to the other replica itself); the stopped

@@ -41,7 +41,8 @@ DOCKERD_PID=""
 STACK_UP=""
 
 step() { echo "[test-deploy $(date -u +%T) +${SECONDS}s] $*"; }
-fail() { echo "test-deploy: FAILED: $*" >&2; exit 1; }
+FAILED_AT=""
+fail() { FAILED_AT="$*"; echo "test-deploy: FAILED: $*" >&2; exit 1; }
 timing() { echo "$1 $2" >> "$LOGS/timings.txt"; step "$1: $2"; }
 
 # Print the end of a log file (on failure).
@@ -77,6 +78,10 @@ cleanup() {
         umount "$STATE/exec/netns/default" 2>/dev/null
     fi
     if [ "$rc" != 0 ]; then
+        # Again at the very end, after the container logs: a CI view that keeps only the
+        # output's tail still shows which check failed and why.
+        [ -s "$LOGS/checks.log" ] && show "$LOGS/checks.log" 25
+        [ -n "$FAILED_AT" ] && echo "test-deploy: FAILED: $FAILED_AT" >&2
         echo "test-deploy: FAILED (exit $rc) after ${SECONDS}s; logs in $LOGS" >&2
     else
         step "passed in ${SECONDS}s"
