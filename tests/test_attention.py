@@ -171,3 +171,18 @@ def test_compiled_bf16_blend_attention_refuses_a_position_beyond_the_keys():
     q, k = torch.zeros(6, 2, 64, dtype=torch.bfloat16), torch.zeros(2, 10, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="beyond the keys"):
         op(q, k, k, torch.tensor([3, 10]), torch.empty_like(q), 0.125)
+
+
+def test_compiled_decode_attention_bf16_path_matches_brute_force():
+    """bf16, head dim 64, on AVX512-BF16: the decode kernel's dot-product path (16 keys a step,
+    keys in pairs for the weighted sum), at cache lengths around those steps."""
+    _needs_bf16_kernel()
+    from engine.native import append_attend_op
+
+    positions, layer = [0, 1, 14, 15, 16, 32, 300], 2
+    q, k_new, v_new, k_caches, v_caches = _decode_batch(torch.bfloat16, positions, H=9, Hkv=3, D=64, capacity=320)
+    got = torch.full((len(positions), 9, 64), float("nan"), dtype=torch.bfloat16)
+    append_attend_op()(q, k_new, v_new, k_caches, v_caches, positions, layer, got)
+    for b, p in enumerate(positions):
+        ref = brute_force(q[:, b].float()[:, None] * 8, k_caches[b][layer].float(), v_caches[b][layer].float(), torch.tensor([p]))[:, 0]
+        assert torch.allclose(got[b].float(), ref, atol=ATOL[torch.bfloat16]), p

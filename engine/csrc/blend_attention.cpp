@@ -14,7 +14,7 @@
 // Rows go in register blocks of 4 consecutive queries of one head (they share each K/V load).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
+#include "bf16_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,28 +29,6 @@ constexpr int64_t PAIRS = 32; // D / 2
 constexpr int64_t KT = 64;    // keys per tile
 constexpr int64_t RB = 4;     // query rows per register block
 constexpr int64_t QB = 32;    // queries per task
-
-#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
-// exp(x) for x <= 0: 2^n * e^r with |r| <= ln2/2, degree-6 polynomial (relative error ~1e-7).
-BF16_TARGET inline __m512 exp512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-BF16_TARGET inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
-  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-}
 
 // One register block: rows r0..r0+RB-1 (clamped to `rows`) of query head h over KV head j.
 BF16_TARGET void attend_block(const uint16_t* q, int64_t q_row_stride, const int64_t* pos, int64_t rows,
