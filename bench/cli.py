@@ -7,7 +7,7 @@ import importlib
 
 BENCHES = ["bench.ttft", "bench.kv_tiers", "bench.load", "bench.peer", "bench.gpu_ttft", "bench.selection_study",
            "bench.attention_micro", "bench.batch_micro", "bench.conversation", "bench.doc_sweep", "bench.faults",
-           "bench.stall", "bench.vllm_backend", "bench.decode_micro"]
+           "bench.stall", "bench.vllm_backend", "bench.decode_micro", "bench.kernels"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

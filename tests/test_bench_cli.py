@@ -100,3 +100,21 @@ def test_bench_batch_computes_the_same_rows_batched_as_separately(engine, tmp_pa
     assert main(["bench", "batch", "--tokens", "128", "--rows", "16", "--requests", "2", "--repeat", "1",
                  "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())["median_s"]) == {"2 x 16 rows: separate", "2 x 16 rows: batched"}
+
+
+def test_bench_kernels_compares_the_compiled_kernels_with_torch_ops(tmp_path, capsys):
+    import pytest
+
+    from engine import device, native
+
+    if "avx512_bf16" not in device.cpu_bf16_flags():
+        pytest.skip("the bf16 kernels need a CPU with AVX512-BF16")
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--dataset", str(DATASET), "--questions", "0", "--passages", "2",
+                 "--dtype", "bfloat16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["ttft_median_s"]) == {f"{m} {b}" for m in ("cacheblend", "full_prefill") for b in ("kernels", "torch")}
+    assert all(v > 0 for v in result["ttft_median_s"].values())
+    # the kernels change a full prefill's first token by bf16 rounding only, far less than blending does
+    assert result["kl_mean"]["full prefill: kernels vs torch"] < 0.01
+    assert native.blend_attend_op() is not None and native.append_attend_op() is not None  # restored
