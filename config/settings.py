@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     model: str = Field("embedded", description="Local Hugging Face model directory, or 'embedded' for SmolLM2-135M-Instruct")
     served_model_name: Optional[str] = Field(None, description="Model name reported by the API (default: derived from --model)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Compute device")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX where it measures faster, else float32)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype (auto: bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX whose torch runs bf16 GEMMs on them, else float32)")
     max_model_len: int = Field(8192, ge=16, description="Longest prompt + completion in tokens")
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Folder for the converted embedded model (read at start-up; servers may share it)")
     state_dir: Optional[Path] = Field(None, description="Folder for everything this server writes: the chunk registry (chunks/), document records (documents/) and the disk KV tier (kv/); give each server its own (default: data_dir)")
