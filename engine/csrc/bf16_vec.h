@@ -1,6 +1,10 @@
 // AVX512-BF16 helpers shared by the CPU kernels: compiled with target attributes, so the module
-// builds for any x86 CPU and callers check `__builtin_cpu_supports("avx512bf16")` first.
+// builds for any x86 CPU and callers check `__builtin_cpu_supports("avx512bf16")` first. Where
+// the compiler or the architecture has no AVX512-BF16 (GCC < 10, not x86), CACHEBLEND_BF16 is 0
+// and the kernels' bf16 paths are left out: the rest of the module still builds.
 #pragma once
+#if defined(__x86_64__) && (defined(__clang__) || __GNUC__ >= 10)
+#define CACHEBLEND_BF16 1
 #include <immintrin.h>
 
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -25,3 +29,6 @@ BF16_TARGET inline __m512 exp512(__m512 x) {
 BF16_TARGET inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
+#else
+#define CACHEBLEND_BF16 0
+#endif

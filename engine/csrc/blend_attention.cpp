@@ -30,6 +30,8 @@ constexpr int64_t KT = 64;    // keys per tile
 constexpr int64_t RB = 4;     // query rows per register block
 constexpr int64_t QB = 32;    // queries per task
 
+#if CACHEBLEND_BF16
+
 // One register block: rows r0..r0+RB-1 (clamped to `rows`) of query head h over KV head j.
 BF16_TARGET void attend_block(const uint16_t* q, int64_t q_row_stride, const int64_t* pos, int64_t rows,
                               const uint32_t* kp, const uint32_t* vp, float scale, uint16_t* out,
@@ -143,9 +145,20 @@ BF16_TARGET void blend_attend_impl(const at::Tensor& q, const at::Tensor& k, con
   });
 }
 
+#else
+void blend_attend_impl(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       double) {}
+#endif
+
 }  // namespace
 
-bool blend_attend_supported() { return __builtin_cpu_supports("avx512bf16"); }
+bool blend_attend_supported() {
+#if CACHEBLEND_BF16
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
 
 void blend_attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
                   const at::Tensor& out, double scale) {

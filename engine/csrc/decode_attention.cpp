@@ -18,6 +18,7 @@
 
 namespace {
 
+#if CACHEBLEND_BF16
 // 16 vectors -> one: lane i is the sum of a[i]'s lanes (a transpose-and-add tree).
 BF16_TARGET inline __m512 sum16(const __m512* a) {
   __m512 y[4];
@@ -107,6 +108,7 @@ BF16_TARGET void attend_bf16(const uint16_t* const* q, int64_t G, const uint16_t
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j] + 48), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dims + 48)));
   }
 }
+#endif
 
 template <typename T>
 void append_attend_impl(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
@@ -115,8 +117,10 @@ void append_attend_impl(const at::Tensor& q, const at::Tensor& k_new, const at::
   const int64_t H = q.size(0), B = q.size(1), D = q.size(2);
   const int64_t Hkv = k_new.size(0), G = H / Hkv;
   // bf16 with head dim 64 on AVX512-BF16 (rows contiguous): the bf16 dot-product path
+#if CACHEBLEND_BF16
   const bool bf16_path = std::is_same_v<T, at::BFloat16> && D == 64 && G <= 8 && q.stride(2) == 1 &&
                          out.stride(2) == 1 && __builtin_cpu_supports("avx512bf16");
+#endif
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), scores;
     std::vector<uint16_t> probs;
@@ -135,6 +139,7 @@ void append_attend_impl(const at::Tensor& q, const at::Tensor& k_new, const at::
         K[p * ks + d] = kn[d * k_new.stride(2)];
         V[p * vs + d] = vn[d * v_new.stride(2)];
       }
+#if CACHEBLEND_BF16
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         if (bf16_path) {
           for (int64_t j = 0; j < G; ++j) {
@@ -146,6 +151,7 @@ void append_attend_impl(const at::Tensor& q, const at::Tensor& k_new, const at::
           continue;
         }
       }
+#endif
       for (int64_t j = 0; j < G; ++j) {
         const T* qh = q.data_ptr<T>() + q.stride(0) * (g * G + j) + q.stride(1) * b;
         for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<float>(qh[d * q.stride(2)]);
