@@ -16,12 +16,11 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from bench.dataset import PREFIX, build_segments, load, parse_range, select_questions
 from config import add_settings_flags, load_settings
 from engine import native
 from engine.llm_engine import LLMEngine
+from engine.quality import first_token_kl
 from engine.request import BlendParams
 
 BACKENDS = ("kernels", "torch")
@@ -37,11 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None)
     add_settings_flags(p, fields=["model", "device", "dtype", "data_dir"])
     p.set_defaults(func=run)
-
-
-def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """KL(p || q) of two next-token distributions given as logits."""
-    return float(torch.sum(p_logits.softmax(-1) * (p_logits.log_softmax(-1) - q_logits.log_softmax(-1))))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,10 +65,10 @@ def run(args: argparse.Namespace) -> int:
                     logits[backend, mode] = engine.prefill(segments, BlendParams(mode=mode, recompute_ratio=ratio)).result.logits
                     ttft.setdefault(f"{mode} {backend}", []).append(time.perf_counter() - t)
             kls.setdefault("full prefill: kernels vs torch", []).append(
-                kl(logits["torch", "full_prefill"], logits["kernels", "full_prefill"]))
+                first_token_kl(logits["torch", "full_prefill"], logits["kernels", "full_prefill"]))
             for backend in BACKENDS:
                 kls.setdefault(f"blend vs full prefill, {backend}", []).append(
-                    kl(logits[backend, "full_prefill"], logits[backend, "cacheblend"]))
+                    first_token_kl(logits[backend, "full_prefill"], logits[backend, "cacheblend"]))
             print(f"question {record.index}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in ttft.items()), flush=True)
     finally:
         use("kernels")

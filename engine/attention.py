@@ -113,8 +113,8 @@ def sdpa_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: CausalP
 
 
 def _bf16_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """The compiled bf16 kernel for selected rows (csrc/blend_attention.cpp), where it applies:
-    CPU with AVX512-BF16, bf16, head dim 64, rows contiguous. Else None (SDPA)."""
+    """The compiled bf16 kernel for any sorted query positions (csrc/blend_attention.cpp), where
+    it applies: CPU with AVX512-BF16, bf16, head dim 64, rows contiguous. Else None (SDPA)."""
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or q.shape[2] != 64:
         return None
     if any(t.stride(2) != 1 for t in (q, k, v)):

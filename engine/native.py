@@ -3,7 +3,7 @@
 `append_attend_op()` returns the compiled batch decode attention (csrc/decode_attention.cpp), or
 None where it cannot be built (no C++ compiler or Python headers): the caller then runs the same
 step as torch ops (attention.append_attend_torch), after one warning. `blend_attend_op()` returns
-the bf16 attention of selected query rows (csrc/blend_attention.cpp), or None where the module
+the bf16 causal attention of any sorted query positions (csrc/blend_attention.cpp), or None where the module
 cannot be built or the CPU lacks AVX512-BF16 (the caller then uses SDPA).
 
 The build is keyed by the sources, the flags, torch's and Python's versions and the CPU's vector

@@ -99,13 +99,11 @@ BF16_TARGET void attend_bf16(const uint16_t* const* q, int64_t G, const uint16_t
     const __m512 inv = _mm512_set1_ps(scores[j * n16]);
     for (int c = 0; c < 4; ++c) _mm512_store_ps(o[c], _mm512_mul_ps(acc[j][c], inv));
     // acc[2h + hi], lane 4L + e (128-bit lane L, element e) holds dim 32h + 8L + 4hi + e
-    alignas(32) float dims[64];
+    alignas(64) float dims[64];
     for (int c = 0; c < 4; ++c)
       for (int lane = 0; lane < 16; ++lane) dims[32 * (c / 2) + 8 * (lane / 4) + 4 * (c % 2) + lane % 4] = o[c][lane];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j]), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dims)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j] + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dims + 16)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j] + 32), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dims + 32)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j] + 48), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dims + 48)));
+    for (int c = 0; c < 4; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[j] + 16 * c), (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(dims + 16 * c)));
   }
 }
 #endif
