@@ -40,7 +40,7 @@ class Variant:
 ALL_VARIANTS = "default,head4,prefix_ctx,gradual,value_signal,key_signal,check0,check2,check3,random_sel"
 VARIANT_HELP = ("default | headN (recompute the first N tokens of every chunk) | prefix_ctx / sink_ctx / passage_ctx "
                 "(chunk KV precomputed after the prompt prefix / a sink token / the prefix and a neutral passage) | gradual (check layers 1,8,16 at ratios "
-                ".2,.15,.1) | sched:1=.2/20=.05 (check layers and their ratios) | key_signal / value_signal / sensitivity_signal / stored_signal | poolS (sensitivity with pool share S) | checkN (one check layer N) | random_sel (control: as many "
+                ".2,.15,.1) | sched:1=.2/20=.05 (check layers and their ratios) | key_signal / value_signal / sensitivity_signal / stored_signal (check layer 0 alone) / stored_funnel | poolS (sensitivity with pool share S) | checkN (one check layer N) | random_sel (control: as many "
                 f"tokens chosen at random instead of by deviation); 'all' = {ALL_VARIANTS}")
 
 
@@ -74,6 +74,9 @@ def parse_variant(name: str, num_layers: int) -> Variant:
     if name == "stored_signal":
         return Variant(name, "HKVD: the most context-sensitive chunk tokens alone, chosen before layer 0 (check layer 0)",
                        {"selection_signal": "stored"}, check_layers=(0,), selection_signal="stored")
+    if name == "stored_funnel":
+        return Variant(name, "the stored ranking's funnel with its layer-8 check by value deviation alone (no attention weight)",
+                       selection_signal="stored")
     if name == "random_sel":
         return Variant(name, "control: the same number of chunk tokens, chosen at random", selection_signal="random")
     if name.startswith("pool"):

@@ -18,6 +18,7 @@ import torch
 
 from bench.dataset import PREFIX, load, suffix_for
 from config import add_settings_flags, load_settings
+from config.settings import STORED_RANKING
 from engine.llm_engine import LLMEngine
 from engine.request import BlendParams
 from engine.sampling import SamplingParams
@@ -53,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"prompt: {stats.num_tokens} tokens, {stats.cached_tokens} chunk tokens in {len(chunks)} chunks")
     first = min(stats.selected, default=None)
-    # the stored signal ranks its first check layer by the stored sensitivity, not by a deviation
-    score = {layer: "stored sensitivity" if request.spec.signal == "stored" and layer == first and stored else "deviation"
+    # the stored ranking orders the first check layer by the stored sensitivity, not by a deviation
+    later = "attention-weighted deviation" if request.spec.signal == "attended" else "deviation"
+    score = {layer: "stored sensitivity" if request.spec.signal in STORED_RANKING and layer == first and stored else later
              for layer in stats.selected}
     for layer, selected in stats.selected.items():
         deviation = stats.deviation[layer]

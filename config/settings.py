@@ -17,8 +17,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Mode = Literal["full_prefill", "prefix_cache", "full_reuse", "cacheblend"]
 MODES: tuple[str, ...] = ("full_prefill", "prefix_cache", "full_reuse", "cacheblend")
-SelectionSignal = Literal["sensitivity", "stored", "value", "key", "random"]
+SelectionSignal = Literal["attended", "stored", "sensitivity", "value", "key", "random"]
 SELECTION_SIGNALS: tuple[str, ...] = get_args(SelectionSignal)
+STORED_RANKING: tuple[str, ...] = ("attended", "stored")  # signals whose first check ranks by the stored sensitivity alone
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "cacheblend"
 
@@ -44,10 +45,10 @@ def check_layer_rules(layers: Sequence[int], num_layers: Optional[int] = None) -
 
 
 def default_check_layers(signal: str) -> list[int]:
-    """Where a signal selects unless told: `stored` ranks without fresh KV, so at layer 0 (whose KV
-    of a chunk token is exact: it depends on the token alone); the others rank a fresh layer
-    against the stored one, so at layer 1, the first where they differ."""
-    return [0] if signal == "stored" else [1]
+    """Where a signal selects unless told: `attended` and `stored` rank without fresh KV, so at
+    layer 0 (whose KV of a chunk token is exact: it depends on the token alone); the others rank
+    a fresh layer against the stored one, so at layer 1, the first where they differ."""
+    return [0] if signal in STORED_RANKING else [1]
 
 
 def check_ratio_rules(ratios: Sequence[float], num_check_layers: int) -> None:
@@ -87,10 +88,10 @@ class Settings(BaseSettings):
 
     # --- blending ---
     mode: Mode = Field("cacheblend", description="Prefill mode: full_prefill | prefix_cache | full_reuse | cacheblend")
-    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed per layer after the first check layer: the stored signal's default schedule spends it as two stages (about 1.4x it up to layer 8 of 30, 0.84x it after), the others keep it from their check layer on; 1.0 = full prefill")
-    check_layers: Optional[IntList] = Field(None, description="Layers where HKVD tokens are selected (comma list; default: the signal's schedule: 0 and 8 of 30 for the stored signal, whose first choice needs no computed layer, 1 for the others; 0 for stored when only check_ratios is set)")
+    recompute_ratio: float = Field(0.15, ge=0.0, le=1.0, description="Share of chunk tokens recomputed per layer after the first check layer: the attended and stored signals' default schedule spends it as two stages (about 1.4x it up to layer 8 of 30, 0.84x it after), the others keep it from their check layer on; 1.0 = full prefill")
+    check_layers: Optional[IntList] = Field(None, description="Layers where HKVD tokens are selected (comma list; default: the signal's schedule: 0 and 8 of 30 for the attended and stored signals, whose first choice needs no computed layer, 1 for the others; 0 for those two when only check_ratios is set)")
     check_ratios: Optional[FloatList] = Field(None, description="Ratio per check layer, non-increasing (default: the signal's schedule for recompute_ratio; with check_layers, recompute_ratio at each)")
-    selection_signal: SelectionSignal = Field("stored", description="How HKVD tokens are picked: stored (the chunk tokens whose KV the precompute found most context-sensitive, chosen before the check layer is computed: at check layer 0 the dropped tokens are never computed; measured best), sensitivity (of the most value-deviating tokens at the check layer, the most context-sensitive), value or key deviation alone (random: a control for research)")
+    selection_signal: SelectionSignal = Field("attended", description="How HKVD tokens are picked: attended (as stored, then at later check layers the fresh value deviation weighted by the question's attention to the token; measured best), stored (the chunk tokens whose KV the precompute found most context-sensitive, chosen before the check layer is computed: at check layer 0 the dropped tokens are never computed; later check layers keep the most value-deviating of them), sensitivity (of the most value-deviating tokens at the check layer, the most context-sensitive), value or key deviation alone (random: a control for research)")
     sensitivity_pool: float = Field(0.5, gt=0.0, le=1.0, description="sensitivity signal: share of chunk tokens pre-selected by value deviation at the first check layer")
     chunk_context: Literal["sink", "prefix", "passage"] = Field("passage", description="Precompute convention: what is in front of each chunk: the default prompt prefix and a neutral passage (measured best: most chunks follow another passage), the prefix alone (exact KV for a chunk right after it), or a sink token")
     recompute_chunk_head: int = Field(0, ge=0, description="Always recompute the first N tokens of every chunk (their own attention sink)")

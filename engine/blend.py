@@ -12,9 +12,11 @@ The modes differ only in which tokens are computed at each layer:
   layer the HKVD tokens among the still-computed chunk tokens are kept (`ceil(r * n)` of the
   n chunk tokens) and the rest stop; later layers compute only forced + kept tokens. With the
   "sensitivity" signal the first check layer keeps, of its `pool` most deviating tokens, those
-  whose KV the chunk's precompute found most context-sensitive. With the "stored" signal the
-  first check layer keeps the chunk tokens of highest stored sensitivity alone, chosen before
-  that layer is computed: at check layer 0 no dropped token is ever computed. Without stored
+  whose KV the chunk's precompute found most context-sensitive. With the "stored" and
+  "attended" signals the first check layer keeps the chunk tokens of highest stored sensitivity
+  alone, chosen before that layer is computed: at check layer 0 no dropped token is ever
+  computed. "attended" weighs the value deviation of every later check by how much the question
+  (the rows after the last chunk) attends to the token. Without stored
   sensitivity (e.g. a prompt of conversation turns only) value deviation ranks, at layer 1 at
   the earliest.
 Computed tokens write fresh K, V into the fused cache; every query attends over the whole fused
@@ -29,10 +31,11 @@ from typing import Callable, Generator, Optional
 
 import torch
 
+from config.settings import STORED_RANKING
 from engine.attention import CausalPlan, causal_attention
 from engine.model import Transformer
 from engine.request import BlendSpec
-from engine.selection import kv_deviation, num_selected, select_hkvd, select_pooled, span_sensitivity
+from engine.selection import attention_mass, kv_deviation, num_selected, select_hkvd, select_pooled, span_sensitivity
 from engine.steps import run_to_end
 
 ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
@@ -163,9 +166,9 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
     check = dict(zip(spec.check_layers, spec.ratios))
     first_check = min(spec.check_layers) if spec.check_layers else None
     sensitivity = None                                      # [N] stored sensitivity, for the signals that rank by it
-    if spec.signal in ("sensitivity", "stored") and first_check is not None and inp.token_scores is None:
+    if spec.signal in STORED_RANKING + ("sensitivity",) and first_check is not None and inp.token_scores is None:
         sensitivity = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev)
-        if spec.signal == "stored" and sensitivity is None and first_check == 0 and 1 not in check and c.num_layers > 1:
+        if spec.signal in STORED_RANKING and sensitivity is None and first_check == 0 and 1 not in check and c.num_layers > 1:
             # no stored ranking: value deviation ranks instead, and at layer 0 a chunk token's KV
             # is exact (it depends on the token alone), so it deviates first at layer 1
             check[1] = check.pop(0)
@@ -182,7 +185,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         K = cache.k[layer, :, :N]                           # [Hkv, N, D] views into the fused cache
         V = cache.v[layer, :, :N]
         # else (no stored sensitivity) the check layer ranks by value deviation
-        chosen_early = layer == first_check and spec.signal == "stored" and sensitivity is not None
+        chosen_early = layer == first_check and spec.signal in STORED_RANKING and sensitivity is not None
         if chosen_early:
             # the stored ranking needs no fresh KV: the tokens it drops are not computed even here
             t0 = time.perf_counter()
@@ -229,16 +232,23 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
             else:
                 fresh = (k if spec.signal == "key" else v)[:, is_cand]
                 deviation = kv_deviation(fresh, (K if spec.signal == "key" else V)[:, cand_pos])
+            ranked_s = time.perf_counter() - t0
+            K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)  # place chunk K at its positions
+            K[:, active] = model.rotate(k, active, N)
+            V[:, active] = v
+            q = model.rotate(q, active, N)
+            t0 = time.perf_counter()
+            if spec.signal == "attended" and n_chunk and inp.token_scores is None:
+                # a token's stale V changes a reader's output by its attention weight times the
+                # deviation: weigh by what the question (every row after the last chunk) reads
+                question = active > chunk_pos[-1]
+                deviation = deviation.sqrt() * attention_mass(q[:, question], active[question], K, cand_pos)
             if spec.signal == "sensitivity" and layer == first_check and sensitivity is not None:
                 keep = select_pooled(deviation, sensitivity[cand_pos], num_keep, num_selected(spec.pool, n_chunk))
             else:
                 keep = select_hkvd(deviation, num_keep)
             keep_mask = _kept(stats, layer, is_cand, cand_pos, keep, deviation)
-            stats.selection_s += time.perf_counter() - t0
-            K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)  # place chunk K at its positions
-            K[:, active] = model.rotate(k, active, N)
-            V[:, active] = v
-            q = model.rotate(q, active, N)
+            stats.selection_s += ranked_s + time.perf_counter() - t0
             q, h, active = q[:, keep_mask], h[keep_mask], active[keep_mask]
             if last:  # only the last token's output is needed past the final KV write
                 q, h, active = q[:, -1:], h[-1:], active[-1:]

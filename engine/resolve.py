@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-from config.settings import MODES, SELECTION_SIGNALS, Settings, check_layer_rules, check_ratio_rules, default_check_layers
+from config.settings import MODES, SELECTION_SIGNALS, STORED_RANKING, Settings, check_layer_rules, check_ratio_rules, default_check_layers
 from engine.request import BlendParams, BlendSpec, Request, RequestError
 from engine.sampling import SamplingParams
 from engine.segments import Segment
@@ -89,9 +89,9 @@ def resolve_blend(params: BlendParams, settings: Settings, num_layers: int, defa
 
 
 def default_schedule(signal: str, ratio: float, num_layers: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """A signal's check layers and ratios when nobody sets them: the stored signal's two-stage
+    """A signal's check layers and ratios when nobody sets them: the stored ranking's two-stage
     funnel (`funnel_schedule`; also random's, the control, so that it recomputes as many tokens
     as the default), else its one check layer at `ratio`."""
-    if signal in ("stored", "random"):
+    if signal in STORED_RANKING + ("random",):
         return funnel_schedule(ratio, num_layers)
     return tuple(default_check_layers(signal)), (ratio,)

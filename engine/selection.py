@@ -25,6 +25,19 @@ def select_hkvd(deviation: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(deviation, k, sorted=False).indices.sort().values
 
 
+def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, K: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """How much the given query rows attend to each of the keys at key_pos.
+
+    q: [H, R, D] post-RoPE at q_pos [R]; K: [Hkv, N, D] post-RoPE -> [len(key_pos)] attention
+    probability averaged over heads and rows (causal: a row sees keys at or before it)."""
+    H, R, D = q.shape
+    keys = K.repeat_interleave(H // K.shape[0], dim=0).float()          # [H, N, D]
+    scores = q.float() @ keys.transpose(1, 2) / D ** 0.5                 # [H, R, N]
+    future = torch.arange(K.shape[1], device=K.device)[None, :] > q_pos[:, None]  # [R, N]
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return probs[:, :, key_pos].mean(dim=(0, 1))
+
+
 def select_pooled(deviation: torch.Tensor, sensitivity: torch.Tensor, k: int, pool: int) -> torch.Tensor:
     """The k most context-sensitive of the `pool` tokens that deviate most at the check layer.
 

@@ -164,11 +164,12 @@ def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
     assert torch.allclose(one.logits, full, atol=LOGIT_ATOL)
 
 
-def test_default_funnel_keeps_the_most_deviating_of_the_stored_choice_at_layer_8(engine):
-    """The default (stored signal, no check layers set): layer 0 keeps the tokens of highest
-    stored sensitivity, layer 8 keeps those of them whose fresh V deviates most, and the two
-    stages recompute no more chunk token-layers than the ratio at every layer would."""
-    assert (engine.settings.selection_signal, engine.settings.check_layers) == ("stored", None)
+def test_default_funnel_keeps_the_most_attended_deviations_of_the_stored_choice_at_layer_8(engine):
+    """The default (attended signal, no check layers set): layer 0 keeps the tokens of highest
+    stored sensitivity, layer 8 keeps those of them whose fresh V deviation, weighted by the
+    question's attention to them, is largest, and the two stages recompute no more chunk
+    token-layers than the ratio at every layer would."""
+    assert (engine.settings.selection_signal, engine.settings.check_layers) == ("attended", None)
     segs = rag_segments(engine)
     chunks = [s for s in segs if s.kind == "chunk"]
     sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
@@ -178,17 +179,23 @@ def test_default_funnel_keeps_the_most_deviating_of_the_stored_choice_at_layer_8
     first = {st.candidates[0].index(p) for p in st.selected[0]}
     assert set(torch.topk(sens, len(first)).indices.tolist()) == first
     assert st.candidates[8] == st.selected[0] and set(st.selected[8]) < set(st.selected[0])
-    dev = st.deviation[8]                                  # [len(first)] value deviation at layer 8
+    score = st.deviation[8]                                # [len(first)] what ranked layer 8
     kept = {st.candidates[8].index(p) for p in st.selected[8]}
-    assert set(torch.topk(dev, len(kept)).indices.tolist()) == kept
+    assert set(torch.topk(score, len(kept)).indices.tolist()) == kept
     assert st.computed_per_layer[:9] == [forced + len(first)] * 9
     assert st.computed_per_layer[9:] == [forced + len(kept)] * (len(st.computed_per_layer) - 9)
     assert len(first) * 8 + len(kept) * 21 <= math.ceil(0.15 * n) * 29 + 29
+    # the stored signal makes the same choice at layer 0 and ranks layer 8 by the plain value
+    # deviation: the weight between the two is an attention probability mass, not a constant
+    plain = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, selection_signal="stored").result.stats
+    assert plain.selected[0] == st.selected[0] and plain.candidates[8] == st.candidates[8]
+    mass = score / plain.deviation[8].sqrt()
+    assert bool((mass >= 0).all()) and float(mass.sum()) <= 1.0 and float(mass.std()) > 0.1 * float(mass.mean())
 
 
 def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(settings):
     """Both signals rank by value deviation at layer 1 then (stored would choose at 0, where a
-    chunk token's KV cannot deviate); stored's funnel keeps its second check at layer 8."""
+    chunk token's KV cannot deviate); stored's and attended's funnels keep their second check at layer 8."""
     from engine.llm_engine import LLMEngine
 
     eng = LLMEngine(settings.model_copy(update={"selection_signal": "value", "kv_disk_bytes": 0}))
@@ -198,8 +205,9 @@ def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(setti
     assert prefill(eng, segs, mode="cacheblend", selection_signal="sensitivity").result.stats.selected == value.selected
     stored = prefill(eng, segs, mode="cacheblend", selection_signal="stored", check_layers=[0]).result.stats
     assert stored.selected == value.selected and list(value.selected) == [1]
-    funnel = prefill(eng, segs, mode="cacheblend", selection_signal="stored").result.stats
-    assert list(funnel.selected) == [1, 8] and set(funnel.selected[8]) < set(funnel.selected[1])
+    for signal in ("stored", "attended"):
+        funnel = prefill(eng, segs, mode="cacheblend", selection_signal=signal).result.stats
+        assert list(funnel.selected) == [1, 8] and set(funnel.selected[8]) < set(funnel.selected[1])
 
 
 def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():

@@ -36,9 +36,10 @@ def test_check_layers_follow_the_selection_signal_unless_set():
     from engine.resolve import resolve_blend
 
     s = Settings()
-    assert s.selection_signal == "stored"
-    # stored: chooses before any layer, then again at layer 8 of 30 (the funnel schedule)
+    assert s.selection_signal == "attended"
+    # attended and stored: choose before any layer, then again at layer 8 of 30 (the funnel schedule)
     assert resolve_blend(BlendParams(), s, 30, 0.15)[1].check_layers == (0, 8)
+    assert resolve_blend(BlendParams(selection_signal="stored"), s, 30, 0.15)[1].check_layers == (0, 8)
     assert resolve_blend(BlendParams(), Settings(check_ratios=[0.2]), 30, 0.15)[1].check_layers == (0,)
     assert resolve_blend(BlendParams(), Settings(selection_signal="value"), 30, 0.15)[1].check_layers == (1,)
     assert resolve_blend(BlendParams(), Settings(selection_signal="value", check_layers=[2]), 30, 0.15)[1].check_layers == (2,)

@@ -223,6 +223,9 @@ def test_parse_variants():
     assert sens.spec(0.15).selection_signal == "sensitivity" and sens.engine_overrides == {"selection_signal": "sensitivity"}
     stored = parse_variant("stored_signal", 30).spec(0.2)
     assert stored.selection_signal == "stored" and stored.check_layers == (0,) and stored.ratio == 0.2
+    funnel = parse_variant("stored_funnel", 30)  # the signal's own schedule, on the default engine
+    assert funnel.spec(0.15).selection_signal == "stored" and funnel.spec(0.15).check_layers is None
+    assert funnel.engine_key == "default"
     pool = parse_variant("pool0.7", 30)
     assert pool.engine_overrides == {"sensitivity_pool": 0.7, "selection_signal": "sensitivity"}
     for bad in ("pool0", "pool1.5", "poolx"):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.selection import (FIRST_STAGE, context_sensitivity, funnel_schedule, kv_deviation, num_selected, select_hkvd, select_pooled,
+from engine.selection import (FIRST_STAGE, attention_mass, context_sensitivity, funnel_schedule, kv_deviation, num_selected, select_hkvd, select_pooled,
                               sensitivity_layers)
 
 
@@ -45,6 +45,23 @@ def test_pooled_selection_with_a_full_pool_is_pure_sensitivity():
     dev = torch.rand(50)
     sens = torch.rand(50)
     assert select_pooled(dev, sens, 7, 50).tolist() == select_hkvd(sens, 7).tolist()
+
+
+def test_attention_mass_is_the_rows_causal_softmax_averaged_over_heads_and_rows():
+    torch.manual_seed(0)
+    H, Hkv, N, D = 6, 2, 12, 8
+    q, K = torch.randn(H, 3, D), torch.randn(Hkv, N, D)
+    q_pos = torch.tensor([5, 9, 11])
+    expected = torch.zeros(N)
+    for h in range(H):
+        for r, p in enumerate(q_pos.tolist()):
+            scores = K[h // (H // Hkv), : p + 1] @ q[h, r] / math.sqrt(D)   # the keys row r may see
+            expected[: p + 1] += scores.softmax(dim=0) / (H * 3)
+    keys = torch.tensor([0, 4, 7, 10, 11])
+    assert torch.allclose(attention_mass(q, q_pos, K, keys), expected[keys], atol=1e-6)
+    assert torch.allclose(attention_mass(q, q_pos, K, torch.arange(N)).sum(), torch.tensor(1.0), atol=1e-5)
+    # a key after every row gets nothing
+    assert attention_mass(q[:, :1], q_pos[:1], K, torch.tensor([6, 11])).tolist() == [0.0, 0.0]
 
 
 def test_sensitivity_layers_sit_a_sixth_to_three_tenths_deep():
