@@ -20,6 +20,7 @@ MODES: tuple[str, ...] = ("full_prefill", "prefix_cache", "full_reuse", "cachebl
 SelectionSignal = Literal["attended", "stored", "sensitivity", "value", "key", "random"]
 SELECTION_SIGNALS: tuple[str, ...] = get_args(SelectionSignal)
 STORED_RANKING: tuple[str, ...] = ("attended", "stored")  # signals whose first check ranks by the stored sensitivity alone
+READS_SENSITIVITY: tuple[str, ...] = STORED_RANKING + ("sensitivity",)  # signals whose chunks are probed at precompute
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "cacheblend"
 

@@ -31,7 +31,7 @@ from typing import Callable, Generator, Optional
 
 import torch
 
-from config.settings import STORED_RANKING
+from config.settings import READS_SENSITIVITY, STORED_RANKING
 from engine.attention import CausalPlan, causal_attention
 from engine.model import Transformer
 from engine.request import BlendSpec
@@ -166,7 +166,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
     check = dict(zip(spec.check_layers, spec.ratios))
     first_check = min(spec.check_layers) if spec.check_layers else None
     sensitivity = None                                      # [N] stored sensitivity, for the signals that rank by it
-    if spec.signal in STORED_RANKING + ("sensitivity",) and first_check is not None and inp.token_scores is None:
+    if spec.signal in READS_SENSITIVITY and first_check is not None and inp.token_scores is None:
         sensitivity = span_sensitivity(inp.chunk_sensitivity() if inp.chunk_sensitivity else [], inp.chunk_spans, N, dev)
         if spec.signal in STORED_RANKING and sensitivity is None and first_check == 0 and 1 not in check and c.num_layers > 1:
             # no stored ranking: value deviation ranks instead, and at layer 0 a chunk token's KV

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from config.settings import STORED_RANKING
+from config.settings import READS_SENSITIVITY
 from engine.blend import KVCache, PrefillInput, blend_prefill
 from engine.model import Transformer
 from engine.prompt import default_prefix_ids
@@ -69,7 +69,7 @@ class Precompute:
         """The convention `--chunk-context` names; the probe only when the selection signal reads it.
         "passage" puts the probe passage in front of the chunk: behind the prefix as a second run
         when there is a probe (so the sensitivity costs one forward), else as part of the context."""
-        with_probe = settings.selection_signal in STORED_RANKING + ("sensitivity",)
+        with_probe = settings.selection_signal in READS_SENSITIVITY
         passage = tuple(tokenizer.encode(PROBE_TEXT, add_special_tokens=False))
         probe = passage if with_probe else ()
         if settings.chunk_context == "sink":
