@@ -25,17 +25,26 @@ def select_hkvd(deviation: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(deviation, k, sorted=False).indices.sort().values
 
 
+ROW_BLOCK = 256  # question rows scored at once: bounds the [Hkv, G * rows, N] scores for a long question
+
+
 def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, K: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
     """How much the given query rows attend to each of the keys at key_pos.
 
     q: [H, R, D] post-RoPE at q_pos [R]; K: [Hkv, N, D] post-RoPE -> [len(key_pos)] attention
     probability averaged over heads and rows (causal: a row sees keys at or before it)."""
     H, R, D = q.shape
-    keys = K.repeat_interleave(H // K.shape[0], dim=0).float()          # [H, N, D]
-    scores = q.float() @ keys.transpose(1, 2) / D ** 0.5                 # [H, R, N]
-    future = torch.arange(K.shape[1], device=K.device)[None, :] > q_pos[:, None]  # [R, N]
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    return probs[:, :, key_pos].mean(dim=(0, 1))
+    Hkv, N, _ = K.shape
+    keys = K.float().transpose(1, 2)                                     # [Hkv, D, N]
+    total = torch.zeros(key_pos.numel(), dtype=torch.float32, device=K.device)
+    for a in range(0, R, ROW_BLOCK):
+        rows = q[:, a:a + ROW_BLOCK].float()                              # [H, r, D]
+        r = rows.shape[1]
+        scores = rows.reshape(Hkv, H // Hkv * r, D) @ keys / D ** 0.5   # [Hkv, G * r, N]: head h reads kv head h // G
+        future = torch.arange(N, device=K.device)[None, :] > q_pos[a:a + r, None]  # [r, N]
+        probs = scores.masked_fill(future.repeat(H // Hkv, 1), float("-inf")).softmax(dim=-1)
+        total += probs[:, :, key_pos].sum(dim=(0, 1))
+    return total / (H * R)
 
 
 def select_pooled(deviation: torch.Tensor, sensitivity: torch.Tensor, k: int, pool: int) -> torch.Tensor:

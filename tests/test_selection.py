@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from engine import selection
 from engine.selection import (FIRST_STAGE, attention_mass, context_sensitivity, funnel_schedule, kv_deviation, num_selected, select_hkvd, select_pooled,
                               sensitivity_layers)
 
@@ -47,7 +48,9 @@ def test_pooled_selection_with_a_full_pool_is_pure_sensitivity():
     assert select_pooled(dev, sens, 7, 50).tolist() == select_hkvd(sens, 7).tolist()
 
 
-def test_attention_mass_is_the_rows_causal_softmax_averaged_over_heads_and_rows():
+@pytest.mark.parametrize("row_block", [256, 2])  # one block of rows, or blocks with a short last one
+def test_attention_mass_is_the_rows_causal_softmax_averaged_over_heads_and_rows(monkeypatch, row_block):
+    monkeypatch.setattr(selection, "ROW_BLOCK", row_block)
     torch.manual_seed(0)
     H, Hkv, N, D = 6, 2, 12, 8
     q, K = torch.randn(H, 3, D), torch.randn(Hkv, N, D)

@@ -28,7 +28,7 @@ def request(segments=SEGMENTS, salt="", **blend):
 def test_chunks_become_token_spans_with_the_resolved_blend():
     params = blend_params(request(recompute_ratio=0.3, check_layers=[1, 4]))
     assert params == {"chunks": [[3, 7], [7, 9]], "mode": "cacheblend", "check_layers": [1, 4], "check_ratios": [0.3, 0.3],
-                      "selection_signal": "stored"}
+                      "selection_signal": "attended"}
     assert blend_params(request(mode="full_reuse")) == {"chunks": [[3, 7], [7, 9]], "mode": "full_reuse"}
     # no blend: vLLM alone (its prefix cache for prefix_cache, none for full_prefill)
     assert blend_params(request(mode="prefix_cache")) is None and blend_params(request(mode="full_prefill")) is None
