@@ -35,14 +35,15 @@ def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, K: torch.Tensor, key_po
     probability averaged over heads and rows (causal: a row sees keys at or before it)."""
     H, R, D = q.shape
     Hkv, N, _ = K.shape
+    G = H // Hkv                                                          # query heads per KV head
     keys = K.float().transpose(1, 2)                                     # [Hkv, D, N]
     total = torch.zeros(key_pos.numel(), dtype=torch.float32, device=K.device)
     for a in range(0, R, ROW_BLOCK):
         rows = q[:, a:a + ROW_BLOCK].float()                              # [H, r, D]
         r = rows.shape[1]
-        scores = rows.reshape(Hkv, H // Hkv * r, D) @ keys / D ** 0.5   # [Hkv, G * r, N]: head h reads kv head h // G
+        scores = rows.reshape(Hkv, G * r, D) @ keys / D ** 0.5            # [Hkv, G * r, N]: head h reads kv head h // G
         future = torch.arange(N, device=K.device)[None, :] > q_pos[a:a + r, None]  # [r, N]
-        probs = scores.masked_fill(future.repeat(H // Hkv, 1), float("-inf")).softmax(dim=-1)
+        probs = scores.masked_fill(future.repeat(G, 1), float("-inf")).softmax(dim=-1)
         total += probs[:, :, key_pos].sum(dim=(0, 1))
     return total / (H * R)
 
