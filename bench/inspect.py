@@ -55,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"prompt: {stats.num_tokens} tokens, {stats.cached_tokens} chunk tokens in {len(chunks)} chunks")
     first = min(stats.selected, default=None)
     # the stored ranking orders the first check layer by the stored sensitivity, not by a deviation
-    later = "attention-weighted deviation" if request.spec.signal == "attended" else "deviation"
-    score = {layer: "stored sensitivity" if request.spec.signal in STORED_RANKING and layer == first and stored else later
+    attended = request.spec.signal == "attended"
+    later = "attention-weighted deviation" if attended else "deviation"
+    early = "stored sensitivity x question's attention" if attended else "stored sensitivity"
+    score = {layer: early if request.spec.signal in STORED_RANKING and layer == first and stored else later
              for layer in stats.selected}
     for layer, selected in stats.selected.items():
         deviation = stats.deviation[layer]

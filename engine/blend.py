@@ -10,15 +10,12 @@ The modes differ only in which tokens are computed at each layer:
 - full_reuse: forced tokens only, every layer; cached tokens use their chunk KV as is;
 - cacheblend: all non-exact tokens up to and including the first check layer; at each check
   layer the HKVD tokens among the still-computed chunk tokens are kept (`ceil(r * n)` of the
-  n chunk tokens) and the rest stop; later layers compute only forced + kept tokens. With the
-  "sensitivity" signal the first check layer keeps, of its `pool` most deviating tokens, those
-  whose KV the chunk's precompute found most context-sensitive. With the "stored" and
-  "attended" signals the first check layer keeps the chunk tokens of highest stored sensitivity
-  alone, chosen before that layer is computed: at check layer 0 no dropped token is ever
-  computed. "attended" weighs the value deviation of every later check by how much the question
-  (the rows after the last chunk) attends to the token. Without stored
-  sensitivity (e.g. a prompt of conversation turns only) value deviation ranks, at layer 1 at
-  the earliest.
+  n chunk tokens) and the rest stop; later layers compute only forced + kept tokens. The signal
+  (config/settings.py) says how a check ranks. "stored" and "attended" choose at layer 0 by the
+  stored sensitivity before computing it, so a dropped token is never computed; "attended"
+  weighs each ranking by the question's attention to the token (the rows after the last chunk;
+  at layer 0 from a look-ahead over the stored KV, engine/lookahead.py). Without stored
+  sensitivity (e.g. a prompt of conversation turns only) value deviation ranks, from layer 1.
 Computed tokens write fresh K, V into the fused cache; every query attends over the whole fused
 cache with an exact causal mask by position.
 """
@@ -33,10 +30,11 @@ import torch
 
 from config.settings import READS_SENSITIVITY, STORED_RANKING
 from engine.attention import CausalPlan, causal_attention
+from engine.lookahead import lookahead_layers, question_mass
 from engine.model import Transformer
 from engine.request import BlendSpec
 from engine.selection import attention_mass, kv_deviation, num_selected, select_hkvd, select_pooled, span_sensitivity
-from engine.steps import run_to_end
+from engine.steps import pause, run_to_end
 
 ChunkLayerFn = Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]  # layer -> [(k_pre, v)] per span
 
@@ -79,7 +77,7 @@ class PrefillStats:
     candidates: dict[int, list[int]] = field(default_factory=dict)    # check layer -> candidate positions
     kv_wait_s: float = 0.0
     paused_s: float = 0.0      # between layers, while the engine decoded other requests
-    selection_s: float = 0.0
+    selection_s: float = 0.0   # ranking at the check layers, and the attended signal's look-ahead
     compute_s: float = 0.0
     layer_compute_s: list[float] = field(default_factory=list)
 
@@ -108,13 +106,6 @@ def _piece_end(start: int, rows: int, limit: Optional[int]) -> int:
     return rows if limit is None else min(rows, start + max(int(limit), MIN_PIECE_ROWS))
 
 
-def _layer_out(model: Transformer, layer: int, h: torch.Tensor, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-               plan: CausalPlan) -> torch.Tensor:
-    """Rows' attention over the fused cache, then the rest of their layer.
-    h: [R, hidden], q: [H, R, D] post-RoPE at plan.q_pos; K, V: [Hkv, N, D] -> next hidden [R, hidden]."""
-    return model.finish_layer(layer, h, causal_attention(q, K, V, plan))
-
-
 def _kept(stats: PrefillStats, layer: int, is_cand: torch.Tensor, cand_pos: torch.Tensor, keep: torch.Tensor,
           scores: torch.Tensor) -> torch.Tensor:
     """Record a check layer's choice. is_cand: [S] bool, cand_pos: [n] their positions, keep:
@@ -123,14 +114,6 @@ def _kept(stats: PrefillStats, layer: int, is_cand: torch.Tensor, cand_pos: torc
     keep_mask = ~is_cand
     keep_mask[is_cand.nonzero().squeeze(1)[keep]] = True
     return keep_mask
-
-
-def _pause(stats: PrefillStats, computed: int) -> Generator[int, Optional[int], Optional[int]]:
-    """Yield a piece's computed tokens; the caller's row limit for the next piece comes back."""
-    t = time.perf_counter()
-    limit = yield computed
-    stats.paused_s += time.perf_counter() - t
-    return limit
 
 
 @torch.inference_mode()
@@ -177,6 +160,13 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
     pre_rope = torch.empty((c.num_layers, c.num_kv_heads, N, c.head_dim), dtype=model.dtype, device=dev) if inp.collect_pre_rope else None
     limit = yield 0                                         # the caller's row limit (None: whole layers)
     t_start = time.perf_counter()
+    placed = 0                                              # layers below this already hold the placed chunk KV
+    if spec.signal == "attended" and sensitivity is not None and first_check == 0 and n_chunk:
+        # a sensitive token the question never reads costs little stale (root: early attention piles onto delimiters)
+        mass, limit = yield from question_mass(model, inp, cache, stats, positions[after_exact & ~is_cached], chunk_pos)
+        sensitivity[chunk_pos] *= mass.sqrt()
+        placed = lookahead_layers(c.num_layers).stop
+        stats.selection_s += time.perf_counter() - t_start - stats.paused_s
     h = model.embed(inp.token_ids[active])                  # [S, hidden]
     plan = None                                             # attention masks for the whole current `active`
     for layer in range(c.num_layers):
@@ -201,7 +191,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         if inp.exact_len:
             K[:, : inp.exact_len] = inp.exact_kv[0][layer]
             V[:, : inp.exact_len] = inp.exact_kv[1][layer]
-        needs_chunk_kv = n_chunk and (layer in check or first_check is None or layer > first_check)
+        needs_chunk_kv = n_chunk and layer >= placed and (layer in check or first_check is None or layer > first_check)
         if needs_chunk_kv:
             t0 = time.perf_counter()
             layer_kv = inp.chunk_layer(layer)
@@ -216,7 +206,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 b = _piece_end(a, S, limit)
                 parts.append(model.qkv(layer, h[a:b]))      # pre-RoPE, [H|Hkv, b - a, D]
                 if limit is not None:  # split: the selection and kept rows come in pieces of their own
-                    limit = yield from _pause(stats, b - a)
+                    limit = yield from pause(stats, b - a)
                 a, piece = b, b - a
             q, k, v = parts[0] if len(parts) == 1 else (torch.cat(t, dim=1) for t in zip(*parts))
             if pre_rope is not None:
@@ -233,7 +223,8 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 fresh = (k if spec.signal == "key" else v)[:, is_cand]
                 deviation = kv_deviation(fresh, (K if spec.signal == "key" else V)[:, cand_pos])
             ranked_s = time.perf_counter() - t0
-            K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)  # place chunk K at its positions
+            if needs_chunk_kv:
+                K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)  # place chunk K at its positions
             K[:, active] = model.rotate(k, active, N)
             V[:, active] = v
             q = model.rotate(q, active, N)
@@ -258,12 +249,12 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 b = _piece_end(a, S, limit)
                 if a == 0 and b == S:
                     plan = CausalPlan(active, N, model.dtype)
-                    h_next = _layer_out(model, layer, h, q, K, V, plan)
+                    h_next = model.finish_layer(layer, h, causal_attention(q, K, V, plan))
                 else:
                     h_next = torch.empty_like(h) if h_next is None else h_next
-                    h_next[a:b] = _layer_out(model, layer, h[a:b], q[:, a:b], K, V, CausalPlan(active[a:b], N, model.dtype))
+                    h_next[a:b] = model.finish_layer(layer, h[a:b], causal_attention(q[:, a:b], K, V, CausalPlan(active[a:b], N, model.dtype)))
                 if b < S:
-                    limit = yield from _pause(stats, b - a)
+                    limit = yield from pause(stats, b - a)
                 a, piece = b, b - a
             h = h_next
         else:
@@ -280,20 +271,20 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
                 V[:, pos] = v
                 if last:  # only the last token's output is needed past the final KV write
                     if b == S:
-                        h_next = _layer_out(model, layer, h[-1:], model.rotate(q[:, -1:], pos[-1:], N), K, V,
-                                            CausalPlan(pos[-1:], N, model.dtype))
+                        q_last = model.rotate(q[:, -1:], pos[-1:], N)
+                        h_next = model.finish_layer(layer, h[-1:], causal_attention(q_last, K, V, CausalPlan(pos[-1:], N, model.dtype)))
                 elif a == 0 and b == S:  # the whole layer: its masks serve every layer until `active` changes
                     plan = plan or CausalPlan(active, N, model.dtype)
-                    h_next = _layer_out(model, layer, h, model.rotate(q, pos, N), K, V, plan)
+                    h_next = model.finish_layer(layer, h, causal_attention(model.rotate(q, pos, N), K, V, plan))
                 else:
                     h_next = torch.empty_like(h) if h_next is None else h_next
-                    h_next[a:b] = _layer_out(model, layer, h[a:b], model.rotate(q, pos, N), K, V, CausalPlan(pos, N, model.dtype))
+                    h_next[a:b] = model.finish_layer(layer, h[a:b], causal_attention(model.rotate(q, pos, N), K, V, CausalPlan(pos, N, model.dtype)))
                 if b < S:
-                    limit = yield from _pause(stats, b - a)
+                    limit = yield from pause(stats, b - a)
                 a, piece = b, b - a
             h = h_next
         stats.layer_compute_s.append(time.perf_counter() - t_layer - (stats.paused_s - paused))
-        limit = yield from _pause(stats, piece)
+        limit = yield from pause(stats, piece)
     logits = model.logits(h[-1:])[0]
     cache.length = N
     stats.compute_s = time.perf_counter() - t_start - stats.kv_wait_s - stats.paused_s

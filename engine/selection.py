@@ -44,7 +44,7 @@ def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, K: torch.Tensor, key_po
         scores = rows.reshape(Hkv, G * r, D) @ keys / D ** 0.5            # [Hkv, G * r, N]: head h reads kv head h // G
         future = torch.arange(N, device=K.device)[None, :] > q_pos[a:a + r, None]  # [r, N]
         probs = scores.masked_fill(future.repeat(G, 1), float("-inf")).softmax(dim=-1)
-        total += probs[:, :, key_pos].sum(dim=(0, 1))
+        total += probs.sum(dim=(0, 1))[key_pos]
     return total / (H * R)
 
 

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Generator, Optional, TypeVar
 
 T = TypeVar("T")
+
+
+def pause(stats, computed: int) -> Generator[int, Optional[int], Optional[int]]:
+    """Yield a piece's computed tokens, counting the time until the caller resumes as
+    `stats.paused_s` (a PrefillStats'); the caller's row limit for the next piece comes back."""
+    t = time.perf_counter()
+    limit = yield computed
+    stats.paused_s += time.perf_counter() - t
+    return limit
 
 
 def run_to_end(steps: Generator[object, None, T]) -> T:

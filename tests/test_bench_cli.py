@@ -37,7 +37,7 @@ def test_inspect_prints_selection_and_writes_histogram(tmp_path, capsys):
     png = tmp_path / "hkvd.png"
     assert main(["inspect", "--dataset", str(DATASET), "--passages", "2", "--png", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "check layer 0: HKVD" in text and "selected stored sensitivity" in text and "ttft" in text
+    assert "check layer 0: HKVD" in text and "selected stored sensitivity x question's attention" in text and "ttft" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -152,7 +152,7 @@ def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
     segs = rag_segments(engine)
     chunks = [s for s in segs if s.kind == "chunk"]
     sens = torch.cat([engine.ensure_chunk(c).sensitivity for c in chunks])  # [n], chunk order
-    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, check_layers=[0]).result.stats
+    st = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, check_layers=[0], selection_signal="stored").result.stats
     n = st.cached_tokens
     kept = {st.candidates[0].index(p) for p in st.selected[0]}
     assert len(kept) == math.ceil(0.15 * n)
@@ -164,11 +164,11 @@ def test_stored_signal_at_layer_zero_never_computes_the_tokens_it_drops(engine):
     assert torch.allclose(one.logits, full, atol=LOGIT_ATOL)
 
 
-def test_default_funnel_keeps_the_most_attended_deviations_of_the_stored_choice_at_layer_8(engine):
+def test_default_funnel_keeps_the_most_read_sensitive_tokens_then_the_most_attended_deviations(engine):
     """The default (attended signal, no check layers set): layer 0 keeps the tokens of highest
-    stored sensitivity, layer 8 keeps those of them whose fresh V deviation, weighted by the
-    question's attention to them, is largest, and the two stages recompute no more chunk
-    token-layers than the ratio at every layer would."""
+    stored sensitivity times the root of the question's look-ahead attention, layer 8 keeps those of them
+    whose fresh V deviation, weighted by the question's attention, is largest, and the two
+    stages recompute no more chunk token-layers than the ratio at every layer would."""
     assert (engine.settings.selection_signal, engine.settings.check_layers) == ("attended", None)
     segs = rag_segments(engine)
     chunks = [s for s in segs if s.kind == "chunk"]
@@ -177,25 +177,26 @@ def test_default_funnel_keeps_the_most_attended_deviations_of_the_stored_choice_
     n, forced = st.cached_tokens, st.num_tokens - st.cached_tokens
     assert list(st.selected) == [0, 8]
     first = {st.candidates[0].index(p) for p in st.selected[0]}
-    assert set(torch.topk(sens, len(first)).indices.tolist()) == first
+    assert set(torch.topk(st.deviation[0], len(first)).indices.tolist()) == first
+    # what ranked layer 0 is the stored sensitivity weighted by the root of an attention mass, not a constant
+    mass = (st.deviation[0] / sens) ** 2
+    assert bool((mass >= 0).all()) and float(mass.sum()) <= 1.0 and float(mass.std()) > 0.1 * float(mass.mean())
+    by_sensitivity = set(torch.topk(sens, len(first)).indices.tolist())
+    assert by_sensitivity != first
+    plain = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, selection_signal="stored").result.stats
+    assert {plain.candidates[0].index(p) for p in plain.selected[0]} == by_sensitivity
     assert st.candidates[8] == st.selected[0] and set(st.selected[8]) < set(st.selected[0])
-    score = st.deviation[8]                                # [len(first)] what ranked layer 8
     kept = {st.candidates[8].index(p) for p in st.selected[8]}
-    assert set(torch.topk(score, len(kept)).indices.tolist()) == kept
+    assert set(torch.topk(st.deviation[8], len(kept)).indices.tolist()) == kept
     assert st.computed_per_layer[:9] == [forced + len(first)] * 9
     assert st.computed_per_layer[9:] == [forced + len(kept)] * (len(st.computed_per_layer) - 9)
     assert len(first) * 8 + len(kept) * 21 <= math.ceil(0.15 * n) * 29 + 29
-    # the stored signal makes the same choice at layer 0 and ranks layer 8 by the plain value
-    # deviation: the weight between the two is an attention probability mass, not a constant
-    plain = prefill(engine, segs, mode="cacheblend", recompute_ratio=0.15, selection_signal="stored").result.stats
-    assert plain.selected[0] == st.selected[0] and plain.candidates[8] == st.candidates[8]
-    mass = score / plain.deviation[8].sqrt()
-    assert bool((mass >= 0).all()) and float(mass.sum()) <= 1.0 and float(mass.std()) > 0.1 * float(mass.mean())
 
 
 def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(settings):
-    """Both signals rank by value deviation at layer 1 then (stored would choose at 0, where a
-    chunk token's KV cannot deviate); stored's and attended's funnels keep their second check at layer 8."""
+    """The stored ranking falls back to value deviation at layer 1 (stored would choose at 0,
+    where a chunk token's KV cannot deviate); stored's and attended's funnels keep their second
+    check at layer 8, and attended weighs the same deviations by the question's attention."""
     from engine.llm_engine import LLMEngine
 
     eng = LLMEngine(settings.model_copy(update={"selection_signal": "value", "kv_disk_bytes": 0}))
@@ -203,11 +204,17 @@ def test_sensitivity_signal_without_stored_sensitivity_falls_back_to_value(setti
     assert all(eng.ensure_chunk(s).sensitivity is None for s in segs if s.kind == "chunk")
     value = prefill(eng, segs, mode="cacheblend").result.stats
     assert prefill(eng, segs, mode="cacheblend", selection_signal="sensitivity").result.stats.selected == value.selected
-    stored = prefill(eng, segs, mode="cacheblend", selection_signal="stored", check_layers=[0]).result.stats
-    assert stored.selected == value.selected and list(value.selected) == [1]
-    for signal in ("stored", "attended"):
-        funnel = prefill(eng, segs, mode="cacheblend", selection_signal=signal).result.stats
+    layer0 = prefill(eng, segs, mode="cacheblend", selection_signal="stored", check_layers=[0]).result.stats
+    assert layer0.selected == value.selected and list(value.selected) == [1]
+    funnels = {signal: prefill(eng, segs, mode="cacheblend", selection_signal=signal).result.stats
+               for signal in ("stored", "attended")}
+    for funnel in funnels.values():
         assert list(funnel.selected) == [1, 8] and set(funnel.selected[8]) < set(funnel.selected[1])
+    stored, attended = funnels["stored"], funnels["attended"]
+    assert stored.candidates[1] == attended.candidates[1] == value.candidates[1]
+    assert torch.equal(stored.deviation[1], value.deviation[1])
+    mass = attended.deviation[1] / value.deviation[1].sqrt()
+    assert bool((mass >= 0).all()) and float(mass.sum()) <= 1.0 and float(mass.std()) > 0.1 * float(mass.mean())
 
 
 def test_run_for_stops_once_its_budget_of_computed_tokens_is_spent():
@@ -259,3 +266,26 @@ def test_a_prefill_split_inside_its_layers_equals_the_whole(engine):
         for layer in (0, 1, 2, engine.model.cfg.num_layers - 1):
             assert torch.allclose(done.result.cache.k[layer, :, :N], whole.cache.k[layer, :, :N], atol=LOGIT_ATOL)
             assert torch.allclose(done.result.cache.v[layer, :, :N], whole.cache.v[layer, :, :N], atol=LOGIT_ATOL)
+
+
+def test_the_lookahead_runs_in_pieces_of_its_own_and_a_split_default_prefill_equals_the_whole(engine):
+    """The default (attended) runs its look-ahead before layer 0, one piece per look-ahead layer
+    (so the decode streams it shares the engine with wait no longer than for a layer of it),
+    and split by a budget it gives the same result as whole layers."""
+    from engine.lookahead import lookahead_layers
+    from engine.steps import run_for
+
+    segs = rag_segments(engine)
+    whole = prefill(engine, segs, mode="cacheblend").result
+    req = engine.make_request("p", segs, blend=BlendParams(mode="cacheblend"))
+    engine.prefix_cache.clear()
+    steps, spends, done = engine.prefiller.steps(segs, req.mode, req.spec, 0, remember=False), [], None
+    while done is None:
+        done, spent = run_for(steps, 1)
+        spends.append(spent)
+    st = whole.stats
+    forced, ahead = st.num_tokens - st.cached_tokens, len(lookahead_layers(engine.model.cfg.num_layers))
+    assert spends[:ahead] == [forced] * ahead                      # the look-ahead: a piece per layer
+    assert sum(spends) == ahead * forced + sum(st.computed_per_layer) + st.computed_per_layer[9]  # layer 8 projects, then finishes its kept rows
+    assert done.result.stats.selected == st.selected
+    assert torch.allclose(done.result.logits, whole.logits, atol=LOGIT_ATOL)
