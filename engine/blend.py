@@ -77,7 +77,7 @@ class PrefillStats:
     candidates: dict[int, list[int]] = field(default_factory=dict)    # check layer -> candidate positions
     kv_wait_s: float = 0.0
     paused_s: float = 0.0      # between layers, while the engine decoded other requests
-    selection_s: float = 0.0   # ranking at the check layers, and the attended signal's look-ahead
+    selection_s: float = 0.0   # ranking at the check layers, and the attended signal's look-ahead (but its KV wait)
     compute_s: float = 0.0
     layer_compute_s: list[float] = field(default_factory=list)
 
@@ -166,7 +166,7 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
         mass, limit = yield from question_mass(model, inp, cache, stats, positions[after_exact & ~is_cached], chunk_pos)
         sensitivity[chunk_pos] *= mass.sqrt()
         placed = lookahead_layers(c.num_layers).stop
-        stats.selection_s += time.perf_counter() - t_start - stats.paused_s
+        stats.selection_s += time.perf_counter() - t_start - stats.paused_s - stats.kv_wait_s
     h = model.embed(inp.token_ids[active])                  # [S, hidden]
     plan = None                                             # attention masks for the whole current `active`
     for layer in range(c.num_layers):

@@ -11,6 +11,7 @@ dev split this is about 1% of a full prefill's work.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Generator, Optional
 
 import torch
@@ -49,7 +50,10 @@ def question_mass(model: Transformer, inp: PrefillInput, cache: KVCache, stats: 
         if inp.exact_len:
             K[:, : inp.exact_len] = inp.exact_kv[0][layer]
             V[:, : inp.exact_len] = inp.exact_kv[1][layer]
-        for (s, e), (kc, vc) in zip(inp.chunk_spans, inp.chunk_layer(layer)):
+        t0 = time.perf_counter()
+        layer_kv = inp.chunk_layer(layer)
+        stats.kv_wait_s += time.perf_counter() - t0
+        for (s, e), (kc, vc) in zip(inp.chunk_spans, layer_kv):
             K[:, s:e] = kc                                               # pre-RoPE until placed below
             V[:, s:e] = vc
         K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)
