@@ -65,6 +65,20 @@ class PrefillInput:
     collect_pre_rope: bool = False                # also return every token's pre-RoPE K (chunk precompute)
     token_scores: Optional[torch.Tensor] = None   # [N] caller-given scores; check layers rank by these instead of the KV deviation
 
+    def write_stored(self, layer: int, K: torch.Tensor, V: torch.Tensor, stats: "PrefillStats", chunks: bool) -> None:
+        """Write the layer's exact prefix KV and, with `chunks`, every chunk's stored KV (K
+        pre-RoPE until placed) into K, V: [Hkv, N, D]; the wait for chunk KV is stats.kv_wait_s."""
+        if self.exact_len:
+            K[:, : self.exact_len] = self.exact_kv[0][layer]
+            V[:, : self.exact_len] = self.exact_kv[1][layer]
+        if chunks:
+            t0 = time.perf_counter()
+            layer_kv = self.chunk_layer(layer)
+            stats.kv_wait_s += time.perf_counter() - t0
+            for (s, e), (kc, vc) in zip(self.chunk_spans, layer_kv):
+                K[:, s:e] = kc
+                V[:, s:e] = vc
+
 
 @dataclass
 class PrefillStats:
@@ -188,17 +202,8 @@ def blend_prefill_steps(model: Transformer, inp: PrefillInput, spec: BlendSpec,
             stats.selection_s += time.perf_counter() - t0
         S = int(active.numel())
         stats.computed_per_layer.append(S)
-        if inp.exact_len:
-            K[:, : inp.exact_len] = inp.exact_kv[0][layer]
-            V[:, : inp.exact_len] = inp.exact_kv[1][layer]
-        needs_chunk_kv = n_chunk and layer >= placed and (layer in check or first_check is None or layer > first_check)
-        if needs_chunk_kv:
-            t0 = time.perf_counter()
-            layer_kv = inp.chunk_layer(layer)
-            stats.kv_wait_s += time.perf_counter() - t0
-            for (s, e), (kc, vc) in zip(inp.chunk_spans, layer_kv):
-                K[:, s:e] = kc                              # pre-RoPE until placed below
-                V[:, s:e] = vc
+        needs_chunk_kv = bool(n_chunk) and layer >= placed and (layer in check or first_check is None or layer > first_check)
+        inp.write_stored(layer, K, V, stats, needs_chunk_kv)
         if layer in check and not chosen_early:
             # the selection ranks every active token's fresh K/V: project them all (in pieces) first
             parts, a = [], 0

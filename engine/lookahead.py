@@ -12,7 +12,6 @@ took 0.26 s of a 2.4 s TTFT on the report split (BENCHMARKS.md, "The question's 
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Generator, Optional
 
 import torch
@@ -48,15 +47,7 @@ def question_mass(model: Transformer, inp: PrefillInput, cache: KVCache, stats: 
     mass = torch.zeros(chunk_pos.numel(), dtype=torch.float32, device=chunk_pos.device)
     for layer in layers:
         K, V = cache.k[layer, :, :N], cache.v[layer, :, :N]             # [Hkv, N, D]
-        if inp.exact_len:
-            K[:, : inp.exact_len] = inp.exact_kv[0][layer]
-            V[:, : inp.exact_len] = inp.exact_kv[1][layer]
-        t0 = time.perf_counter()
-        layer_kv = inp.chunk_layer(layer)
-        stats.kv_wait_s += time.perf_counter() - t0
-        for (s, e), (kc, vc) in zip(inp.chunk_spans, layer_kv):
-            K[:, s:e] = kc                                               # pre-RoPE until placed below
-            V[:, s:e] = vc
+        inp.write_stored(layer, K, V, stats, chunks=True)
         K[:, chunk_pos] = model.rotate(K[:, chunk_pos], chunk_pos, N)
         q, k, v = model.qkv(layer, h)                                    # pre-RoPE, [H|Hkv, S, D]
         K[:, rows] = model.rotate(k, rows, N)
