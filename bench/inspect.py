@@ -1,8 +1,8 @@
 """`cacheblend inspect`: what CacheBlend selected for one request, and why.
 
 For one prompt (a dataset record, or `--prompt-file` with {"chunks": [...], "question": ...})
-it prints, per check layer, the HKVD count and share of chunk tokens, the range of the score
-that ranked them (the KV deviation, or with the stored signal the stored sensitivity) for the
+it prints, per check layer, the HKVD count, share of chunk tokens and mean position, the range
+of the score that ranked them (the KV deviation, or with the stored signal the stored sensitivity) for the
 selected and the skipped tokens, and the TTFT breakdown; `--png` writes a histogram of that
 score at each check layer with the selection threshold marked.
 """
@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
         deviation = stats.deviation[layer]
         candidates = stats.candidates[layer]
         chosen = torch.tensor([c in set(selected) for c in candidates])
+        # where the recomputed rows sit: a later row attends over more keys, so it costs more
+        where = f", mean position {sum(selected) / len(selected) / stats.num_tokens:.2f} of the prompt" if selected else ""
         print(f"check layer {layer}: HKVD {len(selected)} of {len(candidates)} candidates "
-              f"({len(selected) / max(stats.cached_tokens, 1):.1%} of chunk tokens)")
+              f"({len(selected) / max(stats.cached_tokens, 1):.1%} of chunk tokens{where})")
         if chosen.any():
             print(f"  selected {score[layer]}  {deviation[chosen].min():.4g} .. {deviation[chosen].max():.4g}")
         if (~chosen).any():

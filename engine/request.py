@@ -35,7 +35,7 @@ class BlendSpec:
     """How the blend prefill selects tokens: the resolved, validated form of BlendParams."""
     check_layers: tuple[int, ...] = ()  # empty: no selection (full_reuse, or every mode without chunks)
     ratios: tuple[float, ...] = ()      # one per check layer, non-increasing
-    signal: str = "value"               # "value" | "key" | "sensitivity" | "stored" | "random"
+    signal: str = "value"               # one of config.settings.SELECTION_SIGNALS
     pool: float = 0.5                   # "sensitivity": share pre-selected by value deviation
     ratio: Optional[float] = None       # the recompute_ratio it was resolved from (a label for stats and the controller; None: no selection)
 

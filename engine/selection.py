@@ -36,15 +36,17 @@ def attention_mass(q: torch.Tensor, q_pos: torch.Tensor, K: torch.Tensor, key_po
     H, R, D = q.shape
     Hkv, N, _ = K.shape
     G = H // Hkv                                                          # query heads per KV head
-    keys = K.float().transpose(1, 2)                                     # [Hkv, D, N]
+    keys = K.float().transpose(1, 2).contiguous()                        # [Hkv, D, N]: contiguous, a faster GEMM operand
     total = torch.zeros(key_pos.numel(), dtype=torch.float32, device=K.device)
     for a in range(0, R, ROW_BLOCK):
         rows = q[:, a:a + ROW_BLOCK].float()                              # [H, r, D]
         r = rows.shape[1]
-        scores = rows.reshape(Hkv, G * r, D) @ keys / D ** 0.5            # [Hkv, G * r, N]: head h reads kv head h // G
-        future = torch.arange(N, device=K.device)[None, :] > q_pos[a:a + r, None]  # [r, N]
-        probs = scores.masked_fill(future.repeat(G, 1), float("-inf")).softmax(dim=-1)
-        total += probs.sum(dim=(0, 1))[key_pos]
+        scores = (rows.reshape(Hkv, G * r, D) @ keys).div_(D ** 0.5)      # [Hkv, G * r, N]: head h reads kv head h // G
+        # every row sees the keys up to the block's earliest row: mask only the columns after it
+        lo = int(q_pos[a:a + r].min()) + 1
+        future = torch.arange(lo, N, device=K.device)[None, :] > q_pos[a:a + r, None]  # [r, N - lo]
+        scores[:, :, lo:].masked_fill_(future.repeat(G, 1), float("-inf"))
+        total += scores.softmax(dim=-1).sum(dim=(0, 1))[key_pos]
     return total / (H * R)
 
 

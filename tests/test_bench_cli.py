@@ -38,6 +38,8 @@ def test_inspect_prints_selection_and_writes_histogram(tmp_path, capsys):
     assert main(["inspect", "--dataset", str(DATASET), "--passages", "2", "--png", str(png)]) == 0
     text = capsys.readouterr().out
     assert "check layer 0: HKVD" in text and "selected stored sensitivity x question's attention" in text and "ttft" in text
+    where = float(text.split("mean position ")[1].split()[0])
+    assert 0 < where < 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
