@@ -2,9 +2,9 @@
 
 For one prompt (a dataset record, or `--prompt-file` with {"chunks": [...], "question": ...})
 it prints, per check layer, the HKVD count, share of chunk tokens and mean position, the range
-of the score that ranked them (the KV deviation, or with the stored signal the stored sensitivity) for the
-selected and the skipped tokens, and the TTFT breakdown; `--png` writes a histogram of that
-score at each check layer with the selection threshold marked.
+of the score that ranked them (the KV deviation, or with the stored signal the stored
+sensitivity) for the selected and the skipped tokens, and the TTFT breakdown; `--png` writes a
+histogram of that score at each check layer with the selection threshold marked.
 """
 
 from __future__ import annotations
